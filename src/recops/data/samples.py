@@ -1,0 +1,98 @@
+"""Click-head samples: click positives with their like label, and negatives.
+
+Negatives are exposures the user did not click (4 per positive by default),
+topped up with random catalog items where exposures run out. The retrieval
+loss adds in-batch negatives on top of these (see recops.models.losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClickSamples:
+    """Parallel arrays: one row per (user, item) sample."""
+
+    users: np.ndarray
+    items: np.ndarray
+    click: np.ndarray
+    like: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def _pair_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    return users.astype(np.int64) * n_items + items.astype(np.int64)
+
+
+def sample_negatives(
+    users: np.ndarray,
+    known_pairs: np.ndarray,
+    candidate_items: np.ndarray,
+    n_items: int,
+    rng: np.random.Generator,
+    max_rounds: int = 8,
+) -> np.ndarray:
+    """For each entry of ``users``, a random item from ``candidate_items`` the user has no known pair with.
+
+    ``known_pairs`` are sorted keys ``user * n_items + item``. Collisions are
+    redrawn up to ``max_rounds`` times; a user who knows almost every item may keep one.
+    """
+    items = candidate_items[rng.integers(0, len(candidate_items), size=len(users))]
+    for _ in range(max_rounds):
+        keys = _pair_keys(users, items, n_items)
+        position = np.searchsorted(known_pairs, keys)
+        clash = (position < len(known_pairs)) & (known_pairs[np.minimum(position, len(known_pairs) - 1)] == keys)
+        if not clash.any():
+            break
+        items[clash] = candidate_items[rng.integers(0, len(candidate_items), size=int(clash.sum()))]
+    return items
+
+
+def click_samples(
+    pos_users: np.ndarray,
+    pos_items: np.ndarray,
+    pos_likes: np.ndarray,
+    exposure_users: np.ndarray,
+    exposure_items: np.ndarray,
+    candidate_items: np.ndarray,
+    n_items: int,
+    negatives: int,
+    rng: np.random.Generator,
+) -> ClickSamples:
+    """Positives plus ``negatives`` negatives per positive (exposures first, then catalog)."""
+    known = np.unique(_pair_keys(pos_users, pos_items, n_items))
+    wanted = np.bincount(pos_users, minlength=int(pos_users.max(initial=-1)) + 1) * negatives
+
+    # Exposures without a click: shuffle, then keep each user's first `wanted[u]`.
+    exposure_keys = np.unique(_pair_keys(exposure_users, exposure_items, n_items))
+    exposure_keys = exposure_keys[~np.isin(exposure_keys, known)]
+    exposure_keys = exposure_keys[rng.permutation(len(exposure_keys))]
+    exp_users = exposure_keys // n_items
+    exp_items = exposure_keys % n_items
+    order = np.argsort(exp_users, kind="stable")
+    exp_users, exp_items = exp_users[order], exp_items[order]
+    starts = np.searchsorted(exp_users, exp_users, side="left")
+    rank = np.arange(len(exp_users)) - starts
+    limit = np.zeros(len(exp_users), dtype=np.int64)
+    in_range = exp_users < len(wanted)
+    limit[in_range] = wanted[exp_users[in_range]]
+    keep = rank < limit
+    neg_users, neg_items = exp_users[keep], exp_items[keep]
+
+    # Top up from the catalog where a user has too few exposures.
+    have = np.bincount(neg_users, minlength=len(wanted))[: len(wanted)]
+    missing = np.maximum(wanted - have, 0)
+    top_users = np.repeat(np.arange(len(wanted)), missing)
+    top_items = sample_negatives(top_users, known, candidate_items, n_items, rng)
+
+    users = np.concatenate([pos_users, neg_users, top_users]).astype(np.int64)
+    items = np.concatenate([pos_items, neg_items, top_items]).astype(np.int64)
+    n_neg = len(neg_users) + len(top_users)
+    click = np.concatenate([np.ones(len(pos_users)), np.zeros(n_neg)]).astype(np.float32)
+    like = np.concatenate([pos_likes.astype(np.float32), np.zeros(n_neg, dtype=np.float32)])
+    return ClickSamples(users=users, items=items, click=click, like=like)
