@@ -19,7 +19,9 @@ class CleaningSpec(SpecModel):
     """How raw events are cleaned; every dropped row is counted under one reason."""
 
     bot_max_events_per_minute: int = Field(
-        300, ge=1, description="A user with more events than this in any clock minute is a bot: all of its events are dropped."
+        300,
+        ge=1,
+        description="A user with more events than this in any clock minute is a bot: all of its events are dropped.",
     )
     window_start: int | None = Field(None, ge=0, description="Drop events before this unix time (seconds).")
     window_end: int | None = Field(None, ge=0, description="Drop events at or after this unix time (seconds).")

@@ -121,10 +121,8 @@ def _read_jsonl(path: str, columns: tuple[str, ...]) -> pl.DataFrame:
 
 
 def _read_table(path: str, fmt: str, columns: tuple[str, ...]) -> pl.DataFrame:
-    if fmt == "csv":
-        frame = pl.read_csv(path, infer_schema=False, truncate_ragged_lines=True)
-    else:
-        frame = pl.read_parquet(path)
+    is_csv = fmt == "csv"
+    frame = pl.read_csv(path, infer_schema=False, truncate_ragged_lines=True) if is_csv else pl.read_parquet(path)
     present = [c for c in columns if c in frame.columns]
     frame = frame.select([pl.col(c).cast(pl.String) for c in present])
     missing = [c for c in columns if c not in frame.columns]

@@ -65,7 +65,9 @@ def _indexed(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> p
     )
 
 
-def index_logs(logs: CleanLogs, split: str = "time", seed: int = 0, cold_item_fraction: float = 0.05) -> InteractionData:
+def index_logs(
+    logs: CleanLogs, split: str = "time", seed: int = 0, cold_item_fraction: float = 0.05
+) -> InteractionData:
     """Engagements → dense indices → train/valid/test (+ cold) frames."""
     engaged = engagements(logs.events)
     if engaged.height == 0:

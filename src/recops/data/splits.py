@@ -56,7 +56,7 @@ def recbole_split(
     """
     rng = np.random.default_rng(seed)
     items = engagements["item_id"].unique().sort()
-    n_cold = int(round(cold_item_fraction * len(items)))
+    n_cold = round(cold_item_fraction * len(items))
     cold = sorted(rng.choice(items.to_numpy(), size=n_cold, replace=False).tolist()) if n_cold else []
     is_cold = pl.col("item_id").is_in(pl.Series(cold, dtype=pl.String).implode())
     cold_rows = engagements.filter(is_cold)

@@ -99,7 +99,7 @@ def sample_unseen_items(
     rng: np.random.Generator,
     max_rounds: int = 100,
 ) -> np.ndarray:
-    """For each entry of ``users``, an item drawn uniformly from ``pool`` that the user has no entry for in ``seen``.
+    """For each of ``users``, an item drawn uniformly from ``pool`` that is not in the user's row of ``seen``.
 
     Rejection sampling, vectorised over all entries: clashes are redrawn up to
     ``max_rounds`` times. Entries still without an item (a user who has seen the
@@ -197,8 +197,9 @@ def _break_ties(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Each finite score is raised by a random amount below a quarter of its own
     float32 spacing: distinct float32 scores keep their order, equal ones are
     shuffled. Without this a scorer that gives many items the same score (cold
-    items under a collaborative model, say) would be ranked by item index, which
-    can look like signal when the ground truth happens to sit at low indices.
+    items under a collaborative model, say) would have them ranked in one fixed
+    order (argpartition's) for every user, which looks like signal whenever the
+    ground truth happens to sit early in that order.
     """
     base = np.asarray(scores, dtype=np.float32)
     broken = base.astype(np.float64)
@@ -307,8 +308,10 @@ def evaluate(
 
     Warm: the warm items are ranked, with each user's train items masked (and,
     for ``split="test"``, valid items too, as RecBole does); ground truth is the
-    split's frame. Keys ``recall@K`` for every K in ``ks``, ``ndcg@K0`` and
-    ``mrr@K0`` for the smallest cut-off K0, and ``users`` (users evaluated).
+    split's frame. As in RecBole, a ground-truth item the user already had in a
+    masked split stays in the recall denominator but can never be a hit. Keys
+    ``recall@K`` for every K in ``ks``, ``ndcg@K0`` and ``mrr@K0`` for the
+    smallest cut-off K0, and ``users`` (users evaluated).
 
     Cold (only when ``data`` has cold items): the cold items are ranked with the
     same masking, against ``data.cold_test`` whatever the split. Keys

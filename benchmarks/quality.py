@@ -1,0 +1,107 @@
+"""Offline quality: every baseline and the two-tower model on one dataset, one split, one run.
+
+    python benchmarks/quality.py --dataset ml-100k --data-dir ../shared/data/ml-100k \
+        --protocol recbole --out results/quality-ml100k.json
+
+Writes {"dataset", "protocol", "seed", "models": {NAME: {...metrics, "train_seconds"}},
+"seconds", "peak_rss_mb", "machine"} and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from recops.api.recmodel import DataSpec, RecModelSpec
+from recops.data.prepare import prepare
+from recops.models.baselines import BASELINES
+from recops.training.evaluation import evaluate
+from recops.training.report import markdown_table
+from recops.training.run import evaluate_baselines, train_with_progress
+from recops.training.trainer import ModelScorer
+
+HEADLINE = ("recall@10", "recall@20", "ndcg@10", "cold_recall@20", "like_auc", "train_seconds")
+# The two-tower settings the benchmark uses (MiniLM: the offline CPU backbone).
+TWO_TOWER = {
+    "backbone": {"name": "builtin:minilm", "maxSeqLength": 32},
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
+    "training": {"epochs": 10, "batchSize": 512, "embeddingDim": 256, "temperature": 0.05,
+                 "historyDropout": 0.5, "textItemsPerStep": 16},
+}
+
+
+def data_spec(args: argparse.Namespace) -> DataSpec:
+    """The DataSpec the command-line flags describe."""
+    split = args.protocol
+    if args.dataset == "ml-100k":
+        if not args.data_dir:
+            sys.exit("--dataset ml-100k needs --data-dir (the folder with u.data and u.item)")
+        return DataSpec(source="movielens", movielens_dir=args.data_dir, split=split)
+    if args.dataset == "events":
+        if not (args.events and args.items):
+            sys.exit("--dataset events needs --events PATH and --items PATH")
+        return DataSpec(source="events", events=args.events, items=args.items, split=split)
+    return DataSpec(source="synthetic", split=split)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["ml-100k", "synthetic", "events"], default="synthetic")
+    parser.add_argument("--data-dir", help="MovieLens-100K folder (--dataset ml-100k)")
+    parser.add_argument("--events", help="event log (--dataset events)")
+    parser.add_argument("--items", help="item catalog (--dataset events)")
+    parser.add_argument("--protocol", choices=["recbole", "time"], default="recbole")
+    parser.add_argument("--models", default="pop,itemcf,bpr,ease,tfidf,twotower")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="override the two-tower epochs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in BASELINES and n != "twotower"]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {sorted(BASELINES)} and twotower")
+    started = time.perf_counter()
+    data = prepare(data_spec(args), seed=args.seed)
+    models = evaluate_baselines(data, [n for n in names if n != "twotower"], seed=args.seed)
+    if "twotower" in names:
+        settings = json.loads(json.dumps(TWO_TOWER))
+        settings["training"]["seed"] = args.seed
+        if args.epochs:
+            settings["training"]["epochs"] = args.epochs
+        spec = RecModelSpec.model_validate({"data": data_spec(args).to_manifest_dict(), **settings})
+        with TemporaryDirectory() as scratch:
+            result = train_with_progress(spec, data, Path(scratch), restart=True)
+        models["twotower"] = {
+            **evaluate(ModelScorer(result.model, result.histories), data, seed=args.seed),
+            "train_seconds": result.seconds,
+            "best_epoch": result.state.best_epoch,
+        }
+    report = {
+        "dataset": args.dataset,
+        "protocol": args.protocol,
+        "seed": args.seed,
+        "data": data.summary(),
+        "models": models,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float))
+    print(markdown_table(models, HEADLINE))
+    print(f"seconds {report['seconds']:.0f}, peak RSS {report['peak_rss_mb']:.0f} MB → {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

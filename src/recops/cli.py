@@ -1,0 +1,77 @@
+"""The ``recops`` command line. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from recops.api.loading import SpecError, load_recmodel_spec
+
+app = typer.Typer(
+    help="recops: behaviour logs → LLM two-tower recommender → Triton → A/B rollouts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    file: Annotated[Path, typer.Option("--file", "-f", help="RecModel manifest or its spec (YAML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints and the exported model).")],
+    restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming it.")] = False,
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated baselines to evaluate beside the model ('' for none).")
+    ] = "pop,itemcf,ease,tfidf",
+) -> None:
+    """Prepare data, train the two-tower model, evaluate it and export the model directory."""
+    try:
+        spec = load_recmodel_spec(file)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+    from recops.training.run import TrainingFailed, run_training
+
+    try:
+        summary = run_training(spec, out, restart=restart, baselines=[b for b in baselines.split(",") if b])
+    except TrainingFailed as error:
+        raise _fail(str(error)) from None
+    console.print(f"model: {out}\nreport: {out / 'report.html'}")
+    # The trainer image's termination message: the operator copies it into the RecModel status.
+    termination_log = os.environ.get("RECOPS_TERMINATION_LOG")
+    if termination_log:
+        Path(termination_log).write_text(json.dumps({"metrics": summary["metrics"]["twotower"]}))
+
+
+@app.command()
+def prepare(
+    file: Annotated[Path, typer.Option("--file", "-f", help="RecModel manifest or its spec (YAML).")],
+) -> None:
+    """Load and clean the spec's data; print the drop counts and the split sizes."""
+    try:
+        spec = load_recmodel_spec(file)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+    from recops.data.io import DataFormatError
+    from recops.data.prepare import index_logs, load_logs
+
+    try:
+        logs = load_logs(spec.data)
+        data = index_logs(logs, spec.data.split, spec.training.seed, spec.data.cold_item_fraction)
+    except (DataFormatError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(json.dumps({"rows_read": logs.rows_read, "drops": data.drops, **data.summary()}, indent=2))
+
+
+def main() -> None:
+    """Entry point for ``python -m recops``."""
+    app()

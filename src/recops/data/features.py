@@ -1,0 +1,97 @@
+"""The feature code path shared by training and serving, and the schema that pins it.
+
+Training builds user histories with :func:`history_matrix`; serving builds the
+same tensors from request item ids with :func:`histories_from_ids`. The
+:class:`FeatureSchema` written next to a model records every choice that shapes
+features; serving recomputes its hash and refuses to start on a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+
+from recops.data.interactions import ITEM_IDX, TIMESTAMP, USER_IDX
+
+FEATURE_SCHEMA_VERSION = 1
+# How item text is assembled; recops.data.schema.item_text implements it.
+ITEM_TEXT_RECIPE = "title | category | description (stripped of empty parts)"
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Every choice that shapes a model's inputs."""
+
+    item_text_recipe: str
+    tokenizer: str
+    max_seq_length: int
+    pooling: str
+    history_length: int
+    embedding_dim: int
+    n_items: int
+    version: int = FEATURE_SCHEMA_VERSION
+
+    def digest(self) -> str:
+        """sha256 of the schema's canonical JSON."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "hash": self.digest()}
+
+    @classmethod
+    def from_json(cls, document: Mapping) -> FeatureSchema:
+        """Read a schema back, checking the stored hash against a fresh one."""
+        fields = {k: v for k, v in document.items() if k != "hash"}
+        schema = cls(**fields)
+        if document.get("hash") != schema.digest():
+            raise ValueError(
+                f"feature schema hash mismatch: file says {document.get('hash')}, contents hash to {schema.digest()}"
+            )
+        return schema
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Padded history item indices (B × L, most recent last) and their validity mask."""
+
+    items: np.ndarray
+    mask: np.ndarray
+
+
+def history_matrix(frame: pl.DataFrame, n_users: int, length: int) -> Histories:
+    """Each user's ``length`` most recent items from an interaction frame, oldest first."""
+    recent = (
+        frame.sort(USER_IDX, TIMESTAMP, ITEM_IDX)
+        .with_columns((pl.len().over(USER_IDX) - pl.int_range(pl.len()).over(USER_IDX)).alias("_from_end"))
+        .filter(pl.col("_from_end") <= length)
+    )
+    items = np.zeros((n_users, length), dtype=np.int64)
+    mask = np.zeros((n_users, length), dtype=bool)
+    users = recent[USER_IDX].to_numpy()
+    # Right-align: the newest item sits in the last column for every user.
+    column = length - recent["_from_end"].to_numpy()
+    items[users, column] = recent[ITEM_IDX].to_numpy()
+    mask[users, column] = True
+    return Histories(items, mask)
+
+
+def histories_from_ids(
+    histories: Sequence[Sequence[str]], item_index: Mapping[str, int], length: int
+) -> tuple[Histories, list[list[str]]]:
+    """Request histories (item ids, oldest first) to padded indices; also the unknown ids per row."""
+    items = np.zeros((len(histories), length), dtype=np.int64)
+    mask = np.zeros((len(histories), length), dtype=bool)
+    unknown: list[list[str]] = []
+    for row, history in enumerate(histories):
+        known = [item_index[i] for i in history if i in item_index]
+        unknown.append([i for i in history if i not in item_index])
+        recent = known[-length:]
+        if recent:
+            items[row, length - len(recent) :] = recent
+            mask[row, length - len(recent) :] = True
+    return Histories(items, mask), unknown

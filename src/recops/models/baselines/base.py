@@ -1,0 +1,55 @@
+"""The interface every baseline recommender implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from recops.data.interactions import InteractionData
+
+
+class Recommender(ABC):
+    """A model fitted on an :class:`InteractionData` that scores every item for a user.
+
+    ``fit`` may read ``data.train`` and ``data.items`` only, never the held-out
+    frames. ``score_users`` returns float32 scores of shape ``(len(users),
+    n_items)`` over all items, warm and cold, so a recommender satisfies
+    :class:`recops.training.evaluation.Scorer`. Subclasses implement
+    :meth:`_fit` and :meth:`_score`; the checks live here once.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.n_users: int | None = None
+        self.n_items: int | None = None
+
+    def fit(self, data: InteractionData) -> None:
+        """Learn from ``data.train`` (and ``data.items`` for content)."""
+        self.n_users = data.n_users
+        self.n_items = data.n_items
+        self._fit(data)
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        """Float32 scores of every item for each user in ``users``, shape ``(len(users), n_items)``."""
+        if self.n_users is None or self.n_items is None:
+            raise RuntimeError(f"{self.name}: call fit() before score_users()")
+        users = np.asarray(users, dtype=np.int64).ravel()
+        if users.size and (users.min() < 0 or users.max() >= self.n_users):
+            raise IndexError(f"{self.name}: user indices must lie in [0, {self.n_users})")
+        scores = np.asarray(self._score(users), dtype=np.float32)
+        if scores.shape != (users.size, self.n_items):
+            raise AssertionError(
+                f"{self.name}: scored shape {scores.shape}, expected {(users.size, self.n_items)}"
+            )
+        return scores
+
+    @abstractmethod
+    def _fit(self, data: InteractionData) -> None:
+        """Model-specific training; ``n_users`` and ``n_items`` are already set."""
+
+    @abstractmethod
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        """Model-specific scores for validated int64 ``users``."""

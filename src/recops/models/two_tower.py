@@ -1,0 +1,120 @@
+"""The two-tower recommender over one shared text backbone.
+
+Item tower: the backbone reads the item's text; a projection maps it to the
+embedding space, and for warm items an ID embedding is added. Cold items (no
+interactions in training) have text only, so they are recommendable the moment
+they are in the catalog.
+
+User tower: the user's recent history read as item-tower vectors (as HLLM
+does), so each distinct item is encoded once per step rather than once per user,
+pooled and passed through a residual MLP.
+
+Retrieval score: cosine of the normalised user and item vectors over a
+temperature. Click and like heads read ``[u, v, u*v]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recops.models.backbone import TextEncoder
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Shape of the non-backbone part of the model."""
+
+    n_items: int
+    embedding_dim: int = 128
+    temperature: float = 0.07
+    use_id_embeddings: bool = True
+    # Fraction of warm items whose ID part is hidden each step, so text alone
+    # learns to place items: that is what cold items get at serving time.
+    id_dropout: float = 0.2
+
+
+class Head(nn.Module):
+    """A small MLP from ``[u, v, u*v]`` to one logit."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([users, items, users * items], dim=-1)).squeeze(-1)
+
+
+class TwoTowerModel(nn.Module):
+    """Item and user towers, retrieval score and click/like heads."""
+
+    def __init__(self, encoder: TextEncoder | None, text_dim: int, config: TwoTowerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        dim = config.embedding_dim
+        self.text_projection = nn.Linear(text_dim, dim)
+        self.id_embedding = nn.Embedding(config.n_items, dim)
+        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        # What an item says about a user who has it in their history, beyond its item vector.
+        # Zero at the start (and for items never trained on): history reads the item vector alone.
+        self.history_embedding = nn.Embedding(config.n_items, dim)
+        nn.init.zeros_(self.history_embedding.weight)
+        self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.empty_history = nn.Parameter(torch.zeros(dim))
+        self.click_head = Head(dim)
+        self.like_head = Head(dim)
+        # Backbone outputs of every item, refreshed during training; buffers travel with state_dict.
+        self.register_buffer("text_cache", torch.zeros(config.n_items, text_dim))
+        self.register_buffer("warm", torch.ones(config.n_items, dtype=torch.bool))
+
+    def item_vectors(
+        self,
+        fresh_items: torch.Tensor | None = None,
+        fresh_text: torch.Tensor | None = None,
+        id_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised vectors of every item.
+
+        ``fresh_text`` (with gradients) replaces the cached backbone output of
+        ``fresh_items``; ``id_keep`` masks the ID part per item (ID dropout).
+        """
+        text = self.text_cache
+        if fresh_items is not None and fresh_text is not None:
+            text = text.index_put((fresh_items,), fresh_text)
+        vectors = self.text_projection(text)
+        if self.config.use_id_embeddings:
+            keep = self.warm if id_keep is None else self.warm & id_keep
+            vectors = vectors + self.id_embedding.weight * keep.unsqueeze(-1).to(vectors.dtype)
+        return F.normalize(vectors, dim=-1)
+
+    def user_vectors(self, item_vectors: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised user vectors from padded history indices (``history``, ``mask``: B × L)."""
+        weights = mask.to(item_vectors.dtype)
+        counts = weights.sum(dim=1, keepdim=True)
+        read = item_vectors[history]
+        if self.config.use_id_embeddings:
+            read = read + self.history_embedding(history)
+        pooled = (read * weights.unsqueeze(-1)).sum(dim=1) / counts.clamp(min=1.0)
+        pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
+        return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
+
+    def retrieval_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """B × N logits of users against items."""
+        return users @ items.T / self.config.temperature
+
+    def head_logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Click and like logits of aligned (user, item) vector pairs."""
+        return self.click_head(users, items), self.like_head(users, items)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen backbone weights: LoRA, projection, IDs, user MLP, heads, caches."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if not name.startswith("encoder.") or name in trainable
+        }

@@ -1,0 +1,134 @@
+"""The exported model directory, and loading it back.
+
+Layout (DESIGN.md, "Export")::
+
+    spec.yaml               the RecModel spec it was trained from
+    backbone.json           backbone name/revision, and whether base weights are included
+    base/                   base backbone weights, only for built-ins that are not in a package
+    adapter/                the PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
+    towers.safetensors      projection, ID embeddings, user MLP, heads, text cache
+    item_index.npy          normalised item vectors, one row per item (float32)
+    items.parquet           item_idx, item_id, text, and whether the item was warm
+    feature_schema.json     the FeatureSchema and its hash
+    metrics.json            evaluation metrics
+    report.html             plots and tables
+
+Loading rebuilds the exact model: scores after reload equal scores before export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from recops.api.loading import parse_recmodel_spec
+from recops.api.recmodel import RecModelSpec
+from recops.data.features import ITEM_TEXT_RECIPE, FeatureSchema
+from recops.data.interactions import InteractionData
+from recops.models.backbone import TINY_QWEN2, TextEncoder, apply_lora, load_base_model
+from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
+
+FEATURE_SCHEMA = "feature_schema.json"
+
+
+def feature_schema(spec: RecModelSpec, n_items: int) -> FeatureSchema:
+    """The feature schema a spec implies for a catalog of ``n_items``."""
+    return FeatureSchema(
+        item_text_recipe=ITEM_TEXT_RECIPE,
+        tokenizer=spec.backbone.name,
+        max_seq_length=spec.backbone.max_seq_length,
+        pooling=spec.backbone.pooling,
+        history_length=spec.data.history_length,
+        embedding_dim=spec.training.embedding_dim,
+        n_items=n_items,
+    )
+
+
+def _towers_state(model: TwoTowerModel) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+
+
+def export_model(
+    model: TwoTowerModel, spec: RecModelSpec, data: InteractionData, out: Path, metrics: dict | None = None
+) -> Path:
+    """Write the model directory; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.to_manifest_dict(), sort_keys=False))
+    encoder = model.encoder
+    assert encoder is not None
+    include_base = spec.backbone.name == TINY_QWEN2  # random weights: nothing else can rebuild them
+    (out / "backbone.json").write_text(
+        json.dumps({"name": spec.backbone.name, "revision": spec.backbone.revision, "base_included": include_base})
+    )
+    peft_model = encoder.model
+    if spec.lora.enabled:
+        peft_model.save_pretrained(out / "adapter")
+        if include_base:
+            peft_model.get_base_model().save_pretrained(out / "base")
+    elif include_base:
+        peft_model.save_pretrained(out / "base")
+    save_file(_towers_state(model), out / "towers.safetensors")
+    with torch.no_grad():
+        np.save(out / "item_index.npy", model.item_vectors().float().numpy())
+    data.items.select(
+        "item_idx", "item_id", "text", pl.Series("warm", data.warm_mask)
+    ).write_parquet(out / "items.parquet")
+    (out / FEATURE_SCHEMA).write_text(json.dumps(feature_schema(spec, data.n_items).to_json(), indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=float))
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model directory read back: the model, its spec, catalog and feature schema."""
+
+    model: TwoTowerModel
+    spec: RecModelSpec
+    items: pl.DataFrame
+    schema: FeatureSchema
+    item_index: np.ndarray
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.items["item_id"].to_list()
+
+
+def load_model(directory: Path) -> LoadedModel:
+    """Rebuild the exported model; fails when the feature schema does not match this code's."""
+    directory = Path(directory)
+    spec = parse_recmodel_spec(yaml.safe_load((directory / "spec.yaml").read_text()), str(directory / "spec.yaml"))
+    items = pl.read_parquet(directory / "items.parquet")
+    stored = FeatureSchema.from_json(json.loads((directory / FEATURE_SCHEMA).read_text()))
+    expected = feature_schema(spec, items.height)
+    if stored.digest() != expected.digest():
+        raise ValueError(
+            f"{directory / FEATURE_SCHEMA}: feature schema hash {stored.digest()[:12]} differs from this "
+            f"recops' {expected.digest()[:12]}: the model was built with other features; retrain or use its version"
+        )
+    backbone = json.loads((directory / "backbone.json").read_text())
+    base_dir = directory / "base" if backbone["base_included"] else None
+    base, tokenizer = load_base_model(spec.backbone, seed=spec.training.seed, local_dir=base_dir)
+    if spec.lora.enabled:
+        from peft import PeftModel
+
+        wrapped = PeftModel.from_pretrained(base, directory / "adapter")
+    else:
+        wrapped = apply_lora(base, spec.lora)
+    encoder = TextEncoder(wrapped, tokenizer, spec.backbone.pooling, spec.backbone.max_seq_length)
+    config = TwoTowerConfig(
+        n_items=items.height,
+        embedding_dim=spec.training.embedding_dim,
+        temperature=spec.training.temperature,
+        use_id_embeddings=spec.training.use_id_embeddings,
+    )
+    model = TwoTowerModel(encoder, encoder.hidden_size, config)
+    model.load_state_dict(load_file(directory / "towers.safetensors"), strict=False)
+    model.eval()
+    return LoadedModel(model, spec, items, stored, np.load(directory / "item_index.npy"))

@@ -1,0 +1,135 @@
+"""The training report: one self-contained HTML file with plots and tables."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training nodes
+import matplotlib.pyplot as plt
+import numpy as np
+
+TABLE_METRICS = (
+    "recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@10",
+    "cold_recall@20", "click_auc", "like_auc", "like_auc_clicked", "train_seconds",
+)
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window or window <= 1:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def loss_figure(losses: Sequence[Mapping[str, float]]):
+    """Training loss terms against step (moving average)."""
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    window = max(1, len(losses) // 50)
+    for key in ("loss", "retrieval", "click", "like"):
+        values = np.array([row[key] for row in losses], dtype=float)
+        smoothed = _smooth(values, window)
+        axis.plot(np.arange(len(smoothed)) + window - 1, smoothed, label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title("Training loss")
+    axis.legend()
+    return figure
+
+
+def validation_figure(valid: Sequence[Mapping[str, float]]):
+    """Validation Recall@20 after each epoch."""
+    figure, axis = plt.subplots(figsize=(7, 3))
+    epochs = [row["epoch"] for row in valid if "recall@20" in row]
+    axis.plot(epochs, [row["recall@20"] for row in valid if "recall@20" in row], marker="o")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("valid Recall@20")
+    axis.set_title("Validation")
+    return figure
+
+
+def recall_figure(models: Mapping[str, Mapping[str, float]]):
+    """Warm Recall@K and cold Recall@20 per model, side by side."""
+    names = list(models)
+    wanted = ("recall@10", "recall@20", "recall@50", "cold_recall@20")
+    keys = [k for k in wanted if any(k in m for m in models.values())]
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / max(1, len(keys))
+    positions = np.arange(len(names))
+    for i, key in enumerate(keys):
+        axis.bar(positions + i * width, [models[n].get(key, np.nan) for n in names], width, label=key)
+    axis.set_xticks(positions + width * (len(keys) - 1) / 2, names)
+    axis.set_ylabel("recall")
+    axis.set_title("Recall, warm and cold items")
+    axis.legend()
+    return figure
+
+
+def metrics_table(models: Mapping[str, Mapping[str, float]]) -> str:
+    """An HTML table of the headline metrics, one row per model."""
+    columns = [c for c in TABLE_METRICS if any(c in m for m in models.values())]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = []
+    for name, metrics in models.items():
+        cells = "".join(
+            f"<td>{metrics[c]:.4f}</td>" if isinstance(metrics.get(c), float | int) else "<td>–</td>" for c in columns
+        )
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> str:
+    """The same table as Markdown (for the README and notes)."""
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in models.items():
+        cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float | int) else "–" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    path: Path,
+    title: str,
+    models: Mapping[str, Mapping[str, float]],
+    losses: Sequence[Mapping[str, float]],
+    valid: Sequence[Mapping[str, float]],
+    data_summary: Mapping[str, object],
+    drops: Mapping[str, int],
+) -> Path:
+    """Write ``report.html`` (plots embedded as PNG) and return its path."""
+    figures = []
+    if losses:
+        figures.append(("Training loss", loss_figure(losses)))
+    if any("recall@20" in row for row in valid):
+        figures.append(("Validation", validation_figure(valid)))
+    figures.append(("Recall", recall_figure(models)))
+    images = "".join(
+        f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,{_png(fig)}">'
+        for name, fig in figures
+    )
+    facts = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in data_summary.items()
+    )
+    drop_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in drops.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Metrics (test split)</h2>{metrics_table(models)}
+{images}
+<h2>Data</h2><table>{facts}</table>
+<h2>Rows dropped by cleaning</h2><table>{drop_rows}</table>
+</body></html>"""
+    path.write_text(page)
+    return path

@@ -1,0 +1,117 @@
+"""One training run end to end: data → model → evaluation beside baselines → export → report.
+
+This is what ``recops train`` and the trainer image run; the quality benchmark
+uses the same pieces so its figures describe what users get.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from recops.api.recmodel import RecModelSpec
+from recops.data.interactions import InteractionData
+from recops.data.io import DataFormatError
+from recops.data.prepare import prepare
+from recops.models.backbone import BackboneError
+from recops.models.baselines import make_baseline
+from recops.training.evaluation import evaluate
+from recops.training.export import export_model
+from recops.training.report import write_report
+from recops.training.trainer import CheckpointMismatch, ModelScorer, TrainResult, train
+
+
+class TrainingFailed(RuntimeError):
+    """A run that cannot go on; the message says why (bad data, backbone, checkpoint)."""
+
+
+def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Fit and evaluate each named baseline on ``data``; adds ``train_seconds``."""
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        started = time.perf_counter()
+        model = make_baseline(name)
+        model.fit(data)
+        seconds = time.perf_counter() - started
+        results[name] = {**evaluate(model, data, seed=seed), "train_seconds": seconds}
+    return results
+
+
+def progress_bar(description: str) -> Progress:
+    """The progress bar long steps show (rich; quiet when output is not a terminal)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def train_with_progress(spec: RecModelSpec, data: InteractionData, out: Path, restart: bool = False) -> TrainResult:
+    """Train with a progress bar showing the step, the loss and the time left."""
+    with progress_bar("train") as progress:
+        task = progress.add_task("train two-tower", total=None, status="")
+
+        def on_step(done: int, total: int, losses: dict[str, float]) -> None:
+            progress.update(task, completed=done, total=total, status=f"loss {losses['loss']:.3f}")
+
+        try:
+            return train(spec, data, out, on_step=on_step, restart=restart)
+        except (CheckpointMismatch, BackboneError) as error:
+            raise TrainingFailed(str(error)) from error
+
+
+def run_training(
+    spec: RecModelSpec,
+    out: Path,
+    restart: bool = False,
+    baselines: Sequence[str] = ("pop", "itemcf", "ease", "tfidf"),
+    data: InteractionData | None = None,
+) -> dict:
+    """Train, evaluate, export and report; returns the summary also written to ``metrics.json``."""
+    started = time.perf_counter()
+    if data is None:
+        try:
+            data = prepare(spec.data, seed=spec.training.seed)
+        except (DataFormatError, ValueError) as error:
+            raise TrainingFailed(str(error)) from error
+    result = train_with_progress(spec, data, out, restart=restart)
+    model_metrics = {
+        **evaluate(ModelScorer(result.model, result.histories), data, seed=spec.training.seed),
+        "train_seconds": result.seconds,
+    }
+    models = {"twotower": model_metrics, **evaluate_baselines(data, baselines, seed=spec.training.seed)}
+    summary = {
+        "data": data.summary(),
+        "drops": data.drops,
+        "metrics": models,
+        "best_epoch": result.state.best_epoch,
+        "valid": result.state.valid,
+        "seconds": time.perf_counter() - started,
+    }
+    export_model(result.model, spec, data, out, metrics=summary)
+    write_report(
+        out / "report.html",
+        "recops training report",
+        models,
+        result.state.losses,
+        result.state.valid,
+        data.summary(),
+        data.drops,
+    )
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

@@ -1,0 +1,298 @@
+"""Training the two-tower model: what ``recops train`` and the trainer image run.
+
+The loop is deterministic for a seed and resumable: every random draw of a
+step comes from a generator seeded by (seed, epoch, step), and a checkpoint
+holds the model, the optimiser and the position, so a restarted run continues
+exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recops.api.recmodel import RecModelSpec
+from recops.data.features import Histories, history_matrix
+from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
+from recops.data.samples import click_samples
+from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
+from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
+from recops.training.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+# Above this many items the retrieval softmax uses in-batch negatives instead of the whole catalog.
+FULL_SOFTMAX_MAX_ITEMS = 50_000
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint stores besides the tensors."""
+
+    epoch: int = 0
+    step: int = 0  # steps done within ``epoch``
+    losses: list[dict[str, float]] = field(default_factory=list)
+    valid: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = -math.inf
+
+
+@dataclass
+class TrainResult:
+    """A trained model with what the report needs."""
+
+    model: TwoTowerModel
+    tokens: TokenizedTexts
+    histories: Histories
+    state: TrainState
+    seconds: float
+
+
+def spec_digest(spec: RecModelSpec) -> str:
+    """Hash of the settings that shape training: a checkpoint only resumes the same spec."""
+    relevant = spec.model_dump(mode="json", include={"data", "backbone", "lora", "training"})
+    relevant["training"].pop("checkpointEverySteps", None)
+    relevant["training"].pop("checkpoint_every_steps", None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _device(spec: RecModelSpec) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and spec.training.resources.gpu > 0 else "cpu")
+
+
+class ModelScorer:
+    """Adapts a trained model to the evaluation's Scorer protocol."""
+
+    def __init__(self, model: TwoTowerModel, histories: Histories) -> None:
+        self.model = model
+        self.histories = histories
+        with torch.no_grad():
+            self.item_vectors = model.item_vectors()
+
+    def user_vectors(self, users: np.ndarray) -> torch.Tensor:
+        history = torch.as_tensor(self.histories.items[users])
+        mask = torch.as_tensor(self.histories.mask[users])
+        return self.model.user_vectors(self.item_vectors, history, mask)
+
+    @torch.no_grad()
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return (self.user_vectors(users) @ self.item_vectors.T).float().numpy()
+
+    @torch.no_grad()
+    def score_pairs(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        click, like = self.model.head_logits(self.user_vectors(users), self.item_vectors[torch.as_tensor(items)])
+        return click.float().numpy(), like.float().numpy()
+
+
+def build_model(spec: RecModelSpec, data: InteractionData) -> tuple[TwoTowerModel, TokenizedTexts]:
+    """A fresh model for a spec and dataset (backbone + LoRA + towers), text cache filled."""
+    encoder: TextEncoder = build_text_encoder(spec.backbone, spec.lora, seed=spec.training.seed)
+    tokens = encoder.tokenize(data.item_texts)
+    config = TwoTowerConfig(
+        n_items=data.n_items,
+        embedding_dim=spec.training.embedding_dim,
+        temperature=spec.training.temperature,
+        use_id_embeddings=spec.training.use_id_embeddings,
+    )
+    torch.manual_seed(spec.training.seed)
+    model = TwoTowerModel(encoder, encoder.hidden_size, config)
+    model.warm.copy_(torch.as_tensor(data.warm_mask))
+    model.text_cache.copy_(encoder.encode_all(tokens))
+    return model, tokens
+
+
+def _optimizer(model: TwoTowerModel, spec: RecModelSpec) -> torch.optim.Optimizer:
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    groups = [{"params": others, "lr": spec.training.learning_rate}]
+    if backbone:
+        groups.append({"params": backbone, "lr": spec.training.backbone_learning_rate})
+    return torch.optim.AdamW(groups, weight_decay=spec.training.weight_decay)
+
+
+def _save_checkpoint(path: Path, model: TwoTowerModel, optimizer, state: TrainState, digest: str, best) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.trainable_state(), "optimizer": optimizer.state_dict(), "state": state.__dict__,
+         "digest": digest, "best": best},
+        tmp,
+    )
+    tmp.replace(path)  # atomic: a kill during the write leaves the previous checkpoint intact
+
+
+class CheckpointMismatch(RuntimeError):
+    """The output folder holds a checkpoint of a different spec."""
+
+
+def _load_checkpoint(path: Path, model: TwoTowerModel, optimizer, digest: str) -> tuple[TrainState, dict | None]:
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved["digest"] != digest:
+        raise CheckpointMismatch(
+            f"{path} was written for another spec (hash {saved['digest']}, this spec {digest}); "
+            "use another --out, or --restart to discard it"
+        )
+    model.load_state_dict(saved["model"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(**saved["state"]), saved["best"]
+
+
+def _seed_step(seed: int, epoch: int, step: int) -> torch.Generator:
+    """Seed every random draw of one step (ours and the backbone's dropout) from its position."""
+    step_seed = int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+    torch.manual_seed(step_seed)
+    return torch.Generator().manual_seed(step_seed)
+
+
+def train(
+    spec: RecModelSpec,
+    data: InteractionData,
+    out: Path,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    restart: bool = False,
+) -> TrainResult:
+    """Train a two-tower model on ``data``; checkpoints go to ``out`` and a rerun resumes.
+
+    ``on_step(done, total, losses)`` is called after every step (progress bars).
+    The returned model holds the weights of the epoch with the best validation
+    Recall@20 (or the last epoch when there is no validation data).
+    """
+    started = time.perf_counter()
+    cfg = spec.training
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = _device(spec)
+    model, tokens = build_model(spec, data)
+    model.to(device)
+    optimizer = _optimizer(model, spec)
+    digest = spec_digest(spec)
+    checkpoint = out / CHECKPOINT
+    state, best = TrainState(), None
+    if checkpoint.exists() and not restart:
+        state, best = _load_checkpoint(checkpoint, model, optimizer, digest)
+
+    histories = history_matrix(data.train, data.n_users, spec.data.history_length)
+    hist_items = torch.as_tensor(histories.items, device=device)
+    hist_mask = torch.as_tensor(histories.mask, device=device)
+    pos_users = data.train[USER_IDX].to_numpy()
+    pos_items = data.train[ITEM_IDX].to_numpy()
+    pos_likes = data.train[LIKE].to_numpy()
+    exposures = data.exposures
+    exp_users = exposures[USER_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
+    exp_items = exposures[ITEM_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
+    warm_items = np.flatnonzero(data.warm_mask)
+    cold = torch.as_tensor(~data.warm_mask, device=device)
+    full_softmax = data.n_items <= FULL_SOFTMAX_MAX_ITEMS
+    steps_per_epoch = max(1, math.ceil(len(pos_users) / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    train_backbone = any(p.requires_grad for p in model.encoder.parameters()) and cfg.text_items_per_step > 0
+    use_amp = device.type == "cuda"
+
+    for epoch in range(state.epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(len(pos_users))
+        samples = click_samples(
+            pos_users, pos_items, pos_likes, exp_users, exp_items, warm_items, data.n_items, cfg.negatives, rng
+        )
+        negatives = np.flatnonzero(samples.click == 0)
+        negatives = negatives[rng.permutation(len(negatives))]
+        per_step = math.ceil(len(negatives) / steps_per_epoch) if len(negatives) else 0
+        model.train()
+        for step in range(state.step, steps_per_epoch):
+            generator = _seed_step(cfg.seed, epoch, step)
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            users = torch.as_tensor(pos_users[batch], device=device)
+            items = torch.as_tensor(pos_items[batch], device=device)
+            likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
+            neg = negatives[step * per_step : (step + 1) * per_step]
+            neg_users = torch.as_tensor(samples.users[neg], device=device)
+            neg_items = torch.as_tensor(samples.items[neg], device=device)
+
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                fresh_items, fresh_text = None, None
+                if train_backbone:
+                    distinct = torch.unique(items)
+                    pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
+                    fresh_items = distinct[pick.to(device)]
+                    fresh_text = model.encoder(
+                        tokens.input_ids[fresh_items.cpu()].to(device),
+                        tokens.attention_mask[fresh_items.cpu()].to(device),
+                    ).float()
+                id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
+                vectors = model.item_vectors(fresh_items, fresh_text, id_keep)
+
+                history, mask = hist_items[users], hist_mask[users]
+                hidden = torch.rand(mask.shape, generator=generator).to(device) < cfg.history_dropout
+                mask = mask & (history != items.unsqueeze(1)) & ~hidden
+                user_vec = model.user_vectors(vectors, history, mask)
+
+                if full_softmax:
+                    logits = model.retrieval_logits(user_vec, vectors).masked_fill(cold, -1e4)
+                    retrieval = F.cross_entropy(logits.float(), items)
+                else:  # in-batch negatives: the other positives of the batch
+                    logits = model.retrieval_logits(user_vec, vectors[items])
+                    retrieval = F.cross_entropy(logits.float(), torch.arange(len(items), device=device))
+
+                neg_user_vec = model.user_vectors(vectors, hist_items[neg_users], hist_mask[neg_users])
+                head_users = torch.cat([user_vec, neg_user_vec])
+                head_items = vectors[torch.cat([items, neg_items])]
+                click_logit, like_logit = model.head_logits(head_users, head_items)
+                click_label = torch.cat([torch.ones_like(likes), torch.zeros(len(neg), device=device)])
+                like_label = torch.cat([likes, torch.zeros(len(neg), device=device)])
+                click_loss = F.binary_cross_entropy_with_logits(click_logit.float(), click_label)
+                like_loss = F.binary_cross_entropy_with_logits(like_logit.float(), like_label)
+                weights = cfg.loss_weights
+                loss = weights.retrieval * retrieval + weights.click * click_loss + weights.like * like_loss
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if fresh_items is not None:
+                model.text_cache[fresh_items] = fresh_text.detach()
+
+            losses = {
+                "epoch": epoch, "step": epoch * steps_per_epoch + step, "loss": float(loss.detach()),
+                "retrieval": float(retrieval.detach()), "click": float(click_loss.detach()),
+                "like": float(like_loss.detach()),
+            }
+            state.losses.append(losses)
+            state.step = step + 1
+            if on_step:
+                on_step(epoch * steps_per_epoch + step + 1, total_steps, losses)
+            if state.step % cfg.checkpoint_every_steps == 0:
+                _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
+
+        if train_backbone:  # rows not re-encoded this epoch are stale: refresh them all
+            model.text_cache.copy_(model.encoder.encode_all(tokens))
+        model.eval()
+        scores = _validation(model, histories, data, epoch)
+        state.valid.append(scores)
+        log.info("epoch %d: %s", epoch, scores)
+        if scores.get("recall@20", 0.0) >= state.best_score or data.valid.height == 0:
+            state.best_score = scores.get("recall@20", 0.0)
+            state.best_epoch = epoch
+            best = copy.deepcopy(model.trainable_state())
+        state.epoch, state.step = epoch + 1, 0
+        _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
+
+    if best is not None:
+        model.load_state_dict(best, strict=False)
+    model.eval()
+    return TrainResult(model, tokens, histories, state, time.perf_counter() - started)
+
+
+def _validation(model: TwoTowerModel, histories: Histories, data: InteractionData, epoch: int) -> dict[str, float]:
+    if data.valid.height == 0:
+        return {"epoch": epoch}
+    metrics = evaluate(ModelScorer(model, histories), data, ks=(20,), split="valid")
+    return {"epoch": epoch, "recall@20": float(metrics["recall@20"])}

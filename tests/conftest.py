@@ -1,0 +1,38 @@
+"""Shared fixtures: small datasets made in code (no downloads), and the ML-100K location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def movielens_dir() -> Path | None:
+    """ML-100K folder: $RECOPS_ML100K_DIR, else ../shared/data/ml-100k beside the checkout."""
+    candidate = Path(os.environ.get("RECOPS_ML100K_DIR", REPO.parent / "shared" / "data" / "ml-100k"))
+    return candidate if (candidate / "u.data").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    folder = movielens_dir()
+    if folder is None:
+        # Its licence forbids shipping it; CI has a copy, so there this never skips.
+        if os.environ.get("RECOPS_REQUIRE_ML100K") == "1":
+            pytest.fail("RECOPS_REQUIRE_ML100K=1 but no MovieLens-100K at ../shared/data/ml-100k or $RECOPS_ML100K_DIR")
+        pytest.skip("MovieLens-100K not present (licence forbids redistribution; set RECOPS_ML100K_DIR)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_synthetic():
+    """A small synthetic log (a few thousand events) shared by data tests."""
+    from recops.data.synthetic import SyntheticConfig, generate
+
+    return generate(SyntheticConfig(n_users=200, n_items=120, days=10, seed=3))

@@ -1,0 +1,154 @@
+"""Every baseline fits on planted two-group data and recovers the structure it can see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _factories import item_half, make_data, planted_data
+from recops.data.interactions import InteractionData
+from recops.models.baselines import BASELINES, Recommender, make_baseline
+from recops.models.baselines.itemcf import top_k_per_row
+from recops.models.baselines.tfidf import tfidf_vectors, tokenize
+from recops.training.evaluation import Scorer, auc, evaluate
+
+# Small enough for the planted data to train in well under a second.
+FAST_PARAMS: dict[str, dict[str, object]] = {"bpr": {"epochs": 30, "dim": 16, "lr": 0.02, "reg": 1e-3}}
+PERSONALISED = ("itemcf", "bpr", "ease", "tfidf")
+COLLABORATIVE = ("pop", "itemcf", "bpr", "ease")
+
+
+@pytest.fixture(scope="module")
+def data() -> InteractionData:
+    return planted_data()
+
+
+@pytest.fixture(scope="module")
+def fitted(data: InteractionData) -> dict[str, Recommender]:
+    models = {}
+    for name in BASELINES:
+        model = make_baseline(name, **FAST_PARAMS.get(name, {}))
+        model.fit(data)
+        models[name] = model
+    return models
+
+
+def _halves(data: InteractionData, items: np.ndarray) -> np.ndarray:
+    return np.array([item_half(data, int(i)) for i in items])
+
+
+def test_registry_names_match_classes() -> None:
+    assert set(BASELINES) == {"pop", "itemcf", "bpr", "ease", "tfidf"}
+    for name, model in BASELINES.items():
+        assert model.name == name
+    with pytest.raises(ValueError, match="known: bpr, ease, itemcf, pop, tfidf"):
+        make_baseline("svd")
+
+
+def test_scoring_before_fit_fails() -> None:
+    with pytest.raises(RuntimeError, match="fit"):
+        make_baseline("pop").score_users(np.array([0]))
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_scores_have_the_scorer_shape_and_dtype(name: str, data: InteractionData, fitted: dict) -> None:
+    model = fitted[name]
+    assert isinstance(model, Scorer)
+    scores = model.score_users(np.array([0, 3, 5]))
+    assert scores.shape == (3, data.n_items)
+    assert scores.dtype == np.float32
+    assert np.isfinite(scores).all()
+    assert model.score_users(np.array([], dtype=np.int64)).shape == (0, data.n_items)
+
+
+@pytest.mark.parametrize("name", PERSONALISED)
+def test_personalised_baselines_prefer_the_users_half(name: str, data: InteractionData, fitted: dict) -> None:
+    users = np.arange(data.n_users)
+    scores = fitted[name].score_users(users)
+    warm = np.flatnonzero(data.warm_mask)
+    item_halves = _halves(data, warm)
+    seen = data.train_matrix().toarray()[:, warm].astype(bool)
+    for user in users:
+        own = (item_halves == user % 2) & ~seen[user]
+        other = item_halves != user % 2
+        # Unseen items of the user's half outrank the other half's, pair by pair. Not all pairs:
+        # BPR samples those very items as negatives, so one of them can end up below a few others.
+        labels = np.r_[np.ones(own.sum()), np.zeros(other.sum())]
+        ordered = auc(labels, np.r_[scores[user, warm[own]], scores[user, warm[other]]])
+        assert ordered >= 0.95, (name, user, ordered)
+
+
+def test_popularity_scores_train_counts(data: InteractionData, fitted: dict) -> None:
+    counts = np.bincount(data.train["item_idx"].to_numpy(), minlength=data.n_items)
+    scores = fitted["pop"].score_users(np.array([0, 1]))
+    np.testing.assert_array_equal(scores, np.tile(counts, (2, 1)))
+
+
+@pytest.mark.parametrize("name", COLLABORATIVE)
+def test_collaborative_baselines_give_cold_items_no_signal(
+    name: str, data: InteractionData, fitted: dict
+) -> None:
+    cold_scores = fitted[name].score_users(np.arange(data.n_users))[:, data.cold_items]
+    assert (cold_scores == cold_scores[:, :1]).all()
+
+
+def test_tfidf_ranks_cold_items_of_the_users_half_first(data: InteractionData, fitted: dict) -> None:
+    cold = np.asarray(data.cold_items)
+    scores = fitted["tfidf"].score_users(np.arange(data.n_users))[:, cold]
+    cold_halves = _halves(data, cold)
+    for user in range(data.n_users):
+        top = cold[np.argsort(-scores[user])[: len(cold) // 2]]
+        assert set(_halves(data, top)) == {user % 2}, user
+    result = evaluate(fitted["tfidf"], data, ks=(1, 5))
+    assert result["cold_recall@5"] > 0.9
+    assert cold_halves.tolist() == [0] * 5 + [1] * 5
+
+
+def test_evaluation_of_fitted_baselines_orders_them_sensibly(data: InteractionData, fitted: dict) -> None:
+    results = {name: evaluate(model, data, ks=(5, 10)) for name, model in fitted.items()}
+    # Popularity ignores the groups; the others see them, so they should beat it on warm items.
+    for name in PERSONALISED:
+        assert results[name]["recall@10"] > results["pop"]["recall@10"], name
+        # A third of the sampled negatives are unseen items of the user's own half, as good as the
+        # positives, so even a perfect group model stays near 2/3 + 1/3 * 1/2.
+        assert results[name]["click_auc"] > 0.75, name
+    for name in COLLABORATIVE:
+        assert results[name]["cold_recall@5"] == pytest.approx(0.5, abs=0.2), name
+
+
+def test_bpr_is_reproducible_for_a_seed(data: InteractionData) -> None:
+    first, second = (make_baseline("bpr", epochs=2, dim=8, seed=7) for _ in range(2))
+    first.fit(data)
+    second.fit(data)
+    np.testing.assert_array_equal(first.score_users(np.arange(4)), second.score_users(np.arange(4)))
+
+
+def test_ease_matches_the_closed_form_on_a_tiny_matrix() -> None:
+    train = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 2), (3, 0), (3, 1), (3, 2)]
+    data = make_data(4, 3, train=train)
+    lam = 2.0
+    x = data.train_matrix().toarray().astype(np.float64)
+    inverse = np.linalg.inv(x.T @ x + lam * np.eye(3))
+    expected_b = np.eye(3) - inverse / np.diag(inverse)
+    model = make_baseline("ease", lam=lam)
+    model.fit(data)
+    np.testing.assert_allclose(model.score_users(np.arange(4)), x @ expected_b, rtol=1e-5, atol=1e-6)
+
+
+def test_itemcf_prunes_to_k_neighbours_per_item() -> None:
+    matrix = np.array(
+        [[0.0, 0.9, 0.5, 0.1], [0.9, 0.0, 0.2, 0.3], [0.5, 0.2, 0.0, 0.0], [0.1, 0.3, 0.0, 0.0]]
+    )
+    pruned = top_k_per_row(matrix, 2).toarray()
+    expected = np.array([[0, 0.9, 0.5, 0], [0.9, 0, 0, 0.3], [0.5, 0.2, 0, 0], [0.1, 0.3, 0, 0]])
+    np.testing.assert_allclose(pruned, expected)
+
+
+def test_tfidf_vectors_are_unit_rows_weighting_rare_terms_up() -> None:
+    assert tokenize("Sci-Fi, Crime_Drama (1995)") == ["sci", "fi", "crime", "drama", "1995"]
+    vectors = tfidf_vectors(["common rare", "common", "common other", None]).toarray()
+    np.testing.assert_allclose(np.linalg.norm(vectors[:3], axis=1), 1.0)
+    assert not vectors[3].any()
+    # In the first document "rare" (1 document) outweighs "common" (3 documents).
+    nonzero = vectors[0][vectors[0] > 0]
+    assert nonzero.max() > nonzero.min()
