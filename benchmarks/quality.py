@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, help="override the two-tower epochs")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BASELINES and n != "twotower"]

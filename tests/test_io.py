@@ -66,7 +66,7 @@ def test_a_file_that_is_not_an_event_log_names_the_file_and_the_columns(tmp_path
 def test_binary_garbage_is_refused(tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
-    with pytest.raises(DataFormatError, match="e.jsonl"):
+    with pytest.raises(DataFormatError, match=r"e\.jsonl"):
         read_events(path)
 
 

@@ -11,13 +11,14 @@ import typer
 from rich.console import Console
 
 from recops.api.loading import SpecError, load_recmodel_spec
+from recops.api.recmodel import RecModelSpec
 
 app = typer.Typer(
     help="recops: behaviour logs → LLM two-tower recommender → Triton → A/B rollouts.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never wrap a file path in an error
 
 
 def _fail(message: str) -> typer.Exit:
@@ -25,9 +26,29 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+SpecFile = Annotated[Path, typer.Option("--file", "-f", help="RecModel manifest or its spec (YAML).")]
+
+
+def _read_spec(file: Path) -> RecModelSpec:
+    try:
+        return load_recmodel_spec(file)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+
+
+def _baseline_names(text: str) -> list[str]:
+    from recops.models.baselines import BASELINES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise _fail(f"--baselines: unknown {', '.join(unknown)}; known: {', '.join(sorted(BASELINES))}")
+    return names
+
+
 @app.command()
 def train(
-    file: Annotated[Path, typer.Option("--file", "-f", help="RecModel manifest or its spec (YAML).")],
+    file: SpecFile,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints and the exported model).")],
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming it.")] = False,
     baselines: Annotated[
@@ -35,16 +56,15 @@ def train(
     ] = "pop,itemcf,ease,tfidf",
 ) -> None:
     """Prepare data, train the two-tower model, evaluate it and export the model directory."""
-    try:
-        spec = load_recmodel_spec(file)
-    except SpecError as error:
-        raise _fail(str(error)) from None
+    spec = _read_spec(file)
+    names = _baseline_names(baselines)
     from recops.training.run import TrainingFailed, run_training
 
     try:
-        summary = run_training(spec, out, restart=restart, baselines=[b for b in baselines.split(",") if b])
+        summary = run_training(spec, out, restart=restart, baselines=names)
     except TrainingFailed as error:
         raise _fail(str(error)) from None
+    _print_metrics(summary["metrics"])
     console.print(f"model: {out}\nreport: {out / 'report.html'}")
     # The trainer image's termination message: the operator copies it into the RecModel status.
     termination_log = os.environ.get("RECOPS_TERMINATION_LOG")
@@ -53,14 +73,9 @@ def train(
 
 
 @app.command()
-def prepare(
-    file: Annotated[Path, typer.Option("--file", "-f", help="RecModel manifest or its spec (YAML).")],
-) -> None:
+def prepare(file: SpecFile) -> None:
     """Load and clean the spec's data; print the drop counts and the split sizes."""
-    try:
-        spec = load_recmodel_spec(file)
-    except SpecError as error:
-        raise _fail(str(error)) from None
+    spec = _read_spec(file)
     from recops.data.io import DataFormatError
     from recops.data.prepare import index_logs, load_logs
 
@@ -70,6 +85,21 @@ def prepare(
     except (DataFormatError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(json.dumps({"rows_read": logs.rows_read, "drops": data.drops, **data.summary()}, indent=2))
+
+
+def _print_metrics(models: dict[str, dict[str, float]]) -> None:
+    from rich.table import Table
+
+    from recops.training.report import TABLE_METRICS
+
+    columns = [c for c in TABLE_METRICS if any(c in m for m in models.values())]
+    table = Table(title="test split", show_lines=False)
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, metrics in models.items():
+        table.add_row(name, *(f"{metrics[c]:.4f}" if c in metrics else "–" for c in columns))
+    Console(width=200).print(table)
 
 
 def main() -> None:

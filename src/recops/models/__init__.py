@@ -1,0 +1,1 @@
+"""Backbone loading, the two-tower model and the baselines."""
