@@ -103,3 +103,21 @@ def test_feature_schema_hash_detects_tampering():
     assert FeatureSchema.from_json(document) == schema
     with pytest.raises(ValueError, match="hash mismatch"):
         FeatureSchema.from_json({**document, "max_seq_length": 64})
+
+
+def test_each_positive_gets_its_own_users_negatives():
+    rng = np.random.default_rng(1)
+    pos_users = np.array([2, 0, 2, 1, 0, 2])
+    pos_items = np.array([0, 1, 2, 3, 4, 5])
+    samples = click_samples(pos_users, pos_items, np.zeros(6), np.array([2]), np.array([9]), np.arange(30), 30,
+                            negatives=3, rng=rng)
+    from recops.data.samples import negatives_by_positive
+
+    paired = negatives_by_positive(samples, pos_users, 3)
+    assert paired.shape == (6, 3)
+    negatives = samples.click == 0
+    for row, user in enumerate(pos_users):
+        own = set(samples.items[negatives & (samples.users == user)].tolist())
+        assert set(paired[row].tolist()) <= own
+    # Every negative is used exactly once.
+    assert sorted(paired.ravel().tolist()) == sorted(samples.items[negatives].tolist())

@@ -96,3 +96,23 @@ def click_samples(
     click = np.concatenate([np.ones(len(pos_users)), np.zeros(n_neg)]).astype(np.float32)
     like = np.concatenate([pos_likes.astype(np.float32), np.zeros(n_neg, dtype=np.float32)])
     return ClickSamples(users=users, items=items, click=click, like=like)
+
+
+def negatives_by_positive(samples: ClickSamples, pos_users: np.ndarray, negatives: int) -> np.ndarray:
+    """Pair each positive with ``negatives`` of its own user's negatives: a (positives × negatives) item array.
+
+    :func:`click_samples` gives every user exactly ``negatives`` negatives per
+    positive, so the pairing is exact; the heads then reuse the user vector of
+    the positive instead of computing one per negative.
+    """
+    is_negative = samples.click == 0
+    neg_users, neg_items = samples.users[is_negative], samples.items[is_negative]
+    order = np.argsort(neg_users, kind="stable")
+    neg_users, neg_items = neg_users[order], neg_items[order]
+    first_negative = np.searchsorted(neg_users, pos_users)
+    by_user = np.argsort(pos_users, kind="stable")
+    sorted_users = pos_users[by_user]
+    rank = np.empty(len(pos_users), dtype=np.int64)
+    rank[by_user] = np.arange(len(pos_users)) - np.searchsorted(sorted_users, sorted_users)
+    index = first_negative[:, None] + rank[:, None] * negatives + np.arange(negatives)
+    return neg_items[index]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from recops.api.recmodel import RecModelSpec
 from recops.data.features import Histories, history_matrix
 from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
-from recops.data.samples import click_samples
+from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
 from recops.training.evaluation import evaluate
@@ -204,9 +204,7 @@ def train(
         samples = click_samples(
             pos_users, pos_items, pos_likes, exp_users, exp_items, warm_items, data.n_items, cfg.negatives, rng
         )
-        negatives = np.flatnonzero(samples.click == 0)
-        negatives = negatives[rng.permutation(len(negatives))]
-        per_step = math.ceil(len(negatives) / steps_per_epoch) if len(negatives) else 0
+        paired_negatives = negatives_by_positive(samples, pos_users, cfg.negatives)
         model.train()
         for step in range(state.step, steps_per_epoch):
             generator = _seed_step(cfg.seed, epoch, step)
@@ -214,9 +212,7 @@ def train(
             users = torch.as_tensor(pos_users[batch], device=device)
             items = torch.as_tensor(pos_items[batch], device=device)
             likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
-            neg = negatives[step * per_step : (step + 1) * per_step]
-            neg_users = torch.as_tensor(samples.users[neg], device=device)
-            neg_items = torch.as_tensor(samples.items[neg], device=device)
+            neg_items = torch.as_tensor(paired_negatives[batch], device=device)  # B × negatives
 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 fresh_items, fresh_text = None, None
@@ -243,12 +239,14 @@ def train(
                     logits = model.retrieval_logits(user_vec, vectors[items])
                     retrieval = F.cross_entropy(logits.float(), torch.arange(len(items), device=device))
 
-                neg_user_vec = model.user_vectors(vectors, hist_items[neg_users], hist_mask[neg_users])
-                head_users = torch.cat([user_vec, neg_user_vec])
-                head_items = vectors[torch.cat([items, neg_items])]
+                # Column 0: the positive; columns 1..k: its user's negatives (same user vector).
+                head_items = vectors[torch.cat([items.unsqueeze(1), neg_items], dim=1)]
+                head_users = user_vec.unsqueeze(1).expand_as(head_items)
                 click_logit, like_logit = model.head_logits(head_users, head_items)
-                click_label = torch.cat([torch.ones_like(likes), torch.zeros(len(neg), device=device)])
-                like_label = torch.cat([likes, torch.zeros(len(neg), device=device)])
+                click_label = torch.zeros_like(click_logit)
+                click_label[:, 0] = 1.0
+                like_label = torch.zeros_like(like_logit)
+                like_label[:, 0] = likes
                 click_loss = F.binary_cross_entropy_with_logits(click_logit.float(), click_label)
                 like_loss = F.binary_cross_entropy_with_logits(like_logit.float(), like_label)
                 weights = cfg.loss_weights
