@@ -65,6 +65,8 @@ class TwoTowerModel(nn.Module):
         nn.init.zeros_(self.history_embedding.weight)
         self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.empty_history = nn.Parameter(torch.zeros(dim))
+        # A per-item popularity prior on the retrieval logit; cold items get the warm items' mean.
+        self.item_bias = nn.Parameter(torch.zeros(config.n_items))
         self.click_head = Head(dim)
         self.like_head = Head(dim)
         # Backbone outputs of every item, refreshed during training; buffers travel with state_dict.
@@ -102,9 +104,17 @@ class TwoTowerModel(nn.Module):
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
 
-    def retrieval_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """B × N logits of users against items."""
-        return users @ items.T / self.config.temperature
+    def item_biases(self) -> torch.Tensor:
+        """Retrieval bias of every item: learned for warm items, their mean for cold ones."""
+        warm_mean = self.item_bias[self.warm].mean() if self.warm.any() else self.item_bias.new_zeros(())
+        return torch.where(self.warm, self.item_bias, warm_mean)
+
+    def retrieval_logits(
+        self, users: torch.Tensor, items: torch.Tensor, item_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """B × N logits of users against item vectors (``item_idx``: their indices; default all items)."""
+        biases = self.item_biases()
+        return users @ items.T / self.config.temperature + (biases if item_idx is None else biases[item_idx])
 
     def head_logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Click and like logits of aligned (user, item) vector pairs."""

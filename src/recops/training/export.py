@@ -8,6 +8,7 @@ Layout (DESIGN.md, "Export")::
     adapter/                the PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
     towers.safetensors      projection, ID embeddings, user MLP, heads, text cache
     item_index.npy          normalised item vectors, one row per item (float32)
+    item_bias.npy           per-item retrieval bias: score = u·v / temperature + bias
     items.parquet           item_idx, item_id, text, and whether the item was warm
     feature_schema.json     the FeatureSchema and its hash
     metrics.json            evaluation metrics
@@ -77,6 +78,7 @@ def export_model(
     save_file(_towers_state(model), out / "towers.safetensors")
     with torch.no_grad():
         np.save(out / "item_index.npy", model.item_vectors().float().numpy())
+        np.save(out / "item_bias.npy", model.item_biases().float().numpy())
     data.items.select(
         "item_idx", "item_id", "text", pl.Series("warm", data.warm_mask)
     ).write_parquet(out / "items.parquet")

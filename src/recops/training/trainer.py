@@ -87,7 +87,7 @@ class ModelScorer:
 
     @torch.no_grad()
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        return (self.user_vectors(users) @ self.item_vectors.T).float().numpy()
+        return self.model.retrieval_logits(self.user_vectors(users), self.item_vectors).float().numpy()
 
     @torch.no_grad()
     def score_pairs(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +236,7 @@ def train(
                     logits = model.retrieval_logits(user_vec, vectors).masked_fill(cold, -1e4)
                     retrieval = F.cross_entropy(logits.float(), items)
                 else:  # in-batch negatives: the other positives of the batch
-                    logits = model.retrieval_logits(user_vec, vectors[items])
+                    logits = model.retrieval_logits(user_vec, vectors[items], items)
                     retrieval = F.cross_entropy(logits.float(), torch.arange(len(items), device=device))
 
                 # Column 0: the positive; columns 1..k: its user's negatives (same user vector).
