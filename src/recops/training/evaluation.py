@@ -303,6 +303,7 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     split: str = "test",
     seed: int = 0,
+    with_auc: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``scorer`` on one split of ``data``: warm and cold full-ranking metrics and AUCs.
 
@@ -357,5 +358,6 @@ def evaluate(
         results[f"cold_ndcg@{head}"] = cold[f"ndcg@{head}"]
         results["cold_users"] = cold["users"]
 
-    results.update(_auc_metrics(scorer, data, frame, auc_rng))
+    if with_auc:  # training's per-epoch validation needs the ranking only
+        results.update(_auc_metrics(scorer, data, frame, auc_rng))
     return results

@@ -91,7 +91,10 @@ class ModelScorer:
 
     @torch.no_grad()
     def score_pairs(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        click, like = self.model.head_logits(self.user_vectors(users), self.item_vectors[torch.as_tensor(items)])
+        # Pairs repeat users many times: encode each distinct user once (memory is users × history × dim).
+        distinct, inverse = np.unique(users, return_inverse=True)
+        user_vectors = self.user_vectors(distinct)[torch.as_tensor(inverse)]
+        click, like = self.model.head_logits(user_vectors, self.item_vectors[torch.as_tensor(items)])
         return click.float().numpy(), like.float().numpy()
 
 
@@ -292,5 +295,5 @@ def train(
 def _validation(model: TwoTowerModel, histories: Histories, data: InteractionData, epoch: int) -> dict[str, float]:
     if data.valid.height == 0:
         return {"epoch": epoch}
-    metrics = evaluate(ModelScorer(model, histories), data, ks=(20,), split="valid")
+    metrics = evaluate(ModelScorer(model, histories), data, ks=(20,), split="valid", with_auc=False)
     return {"epoch": epoch, "recall@20": float(metrics["recall@20"])}
