@@ -35,9 +35,10 @@ HEADLINE = ("recall@10", "recall@20", "ndcg@10", "cold_recall@20", "like_auc", "
 TWO_TOWER = {
     "backbone": {"name": "builtin:minilm", "maxSeqLength": 32},
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
-    "training": {"epochs": 10, "batchSize": 512, "embeddingDim": 256, "temperature": 0.05,
+    "training": {"epochs": 8, "batchSize": 512, "embeddingDim": 256, "temperature": 0.05,
                  "historyDropout": 0.5, "textItemsPerStep": 16},
 }
+HISTORY_LENGTH = 600  # every training item of every ML-100K user (the longest has 590)
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec:
@@ -46,12 +47,14 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
     if args.dataset == "ml-100k":
         if not args.data_dir:
             sys.exit("--dataset ml-100k needs --data-dir (the folder with u.data and u.item)")
-        return DataSpec(source="movielens", movielens_dir=args.data_dir, split=split)
+        return DataSpec(source="movielens", movielens_dir=args.data_dir, split=split, history_length=HISTORY_LENGTH)
     if args.dataset == "events":
         if not (args.events and args.items):
             sys.exit("--dataset events needs --events PATH and --items PATH")
-        return DataSpec(source="events", events=args.events, items=args.items, split=split)
-    return DataSpec(source="synthetic", split=split)
+        return DataSpec(
+            source="events", events=args.events, items=args.items, split=split, history_length=HISTORY_LENGTH
+        )
+    return DataSpec(source="synthetic", split=split, history_length=HISTORY_LENGTH)
 
 
 def main(argv: list[str] | None = None) -> dict:

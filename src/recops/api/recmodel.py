@@ -63,7 +63,9 @@ class DataSpec(SpecModel):
     cold_item_fraction: float = Field(
         0.05, ge=0, le=0.5, description="recbole split only: items held out of training and evaluated as cold."
     )
-    history_length: int = Field(50, ge=1, le=1000, description="Most recent interactions the user tower reads.")
+    history_length: int = Field(
+        200, ge=1, le=10000, description="Most recent interactions the user tower reads."
+    )
 
     @model_validator(mode="after")
     def _source_has_its_fields(self) -> DataSpec:

@@ -95,12 +95,15 @@ class TwoTowerModel(nn.Module):
 
     def user_vectors(self, item_vectors: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised user vectors from padded history indices (``history``, ``mask``: B × L)."""
-        weights = mask.to(item_vectors.dtype)
-        counts = weights.sum(dim=1, keepdim=True)
-        read = item_vectors[history]
+        # Only the valid entries are gathered: long padded histories cost what they hold.
+        rows, columns = mask.nonzero(as_tuple=True)
+        entries = history[rows, columns]
+        read = item_vectors[entries]
         if self.config.use_id_embeddings:
-            read = read + self.history_embedding(history)
-        pooled = (read * weights.unsqueeze(-1)).sum(dim=1) / counts.clamp(min=1.0)
+            read = read + self.history_embedding(entries)
+        counts = mask.sum(dim=1, keepdim=True).to(item_vectors.dtype)
+        summed = item_vectors.new_zeros(history.shape[0], item_vectors.shape[1]).index_add(0, rows, read)
+        pooled = summed / counts.clamp(min=1.0)
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
 
