@@ -92,9 +92,9 @@ def _first_reason(frame: pl.DataFrame, catalog: pl.Series | None, spec: Cleaning
     frame = frame.with_columns(reason.alias("reason"))
 
     # Every row after the first of its (user, item, event, time, request) group is a duplicate.
-    duplicate = pl.col("reason").is_null() & (
-        pl.int_range(pl.len()).over("user_id", "item_id", "event", "timestamp", "request_id") > 0
-    )
+    duplicate = pl.col("reason").is_null() & ~pl.struct(
+        "user_id", "item_id", "event", "timestamp", "request_id"
+    ).is_first_distinct()
     frame = frame.with_columns(pl.when(duplicate).then(pl.lit("duplicate")).otherwise("reason").alias("reason"))
 
     if catalog is not None:

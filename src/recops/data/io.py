@@ -105,6 +105,13 @@ def _as_text(value: object) -> str:
 
 
 def _read_jsonl(path: str, columns: tuple[str, ...]) -> pl.DataFrame:
+    # Fast path: a clean file parses in one multi-threaded pass. Any bad line makes polars
+    # refuse the whole file; then every line is checked on its own (the slow, exact path).
+    try:
+        frame = pl.read_ndjson(path, schema={c: pl.String for c in columns}, ignore_errors=False)
+        return frame.with_columns(pl.lit(False).alias("malformed"))
+    except pl.exceptions.PolarsError:
+        pass
     lines = _read_lines(path)
     is_object = lines.str.contains(_OBJECT_LINE)
     good = lines.filter(is_object)
