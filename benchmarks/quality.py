@@ -26,7 +26,7 @@ from recops.api.recmodel import DataSpec, RecModelSpec
 from recops.data.prepare import prepare
 from recops.models.baselines import BASELINES
 from recops.training.evaluation import evaluate
-from recops.training.report import markdown_table
+from recops.training.report import markdown_table, save_recall_plot
 from recops.training.run import evaluate_baselines, train_with_progress
 from recops.training.trainer import ModelScorer
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the two-tower epochs")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, help="also write the recall bar chart as a PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float))
+    if args.plot:
+        save_recall_plot(models, args.plot)
     print(markdown_table(models, HEADLINE))
     print(f"seconds {report['seconds']:.0f}, peak RSS {report['peak_rss_mb']:.0f} MB → {args.out}")
     return report

@@ -76,6 +76,15 @@ def recall_figure(models: Mapping[str, Mapping[str, float]]):
     return figure
 
 
+def save_recall_plot(models: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """The recall bar chart as a PNG file (for READMEs and notes)."""
+    figure = recall_figure(models)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def metrics_table(models: Mapping[str, Mapping[str, float]]) -> str:
     """An HTML table of the headline metrics, one row per model."""
     columns = [c for c in TABLE_METRICS if any(c in m for m in models.values())]
