@@ -196,6 +196,8 @@ def train(
     warm_items = np.flatnonzero(data.warm_mask)
     cold = torch.as_tensor(~data.warm_mask, device=device)
     full_softmax = data.n_items <= FULL_SOFTMAX_MAX_ITEMS
+    # The user's other training positives are not negatives of this target: they leave the softmax.
+    known = data.train_matrix().tocsr() if full_softmax else None
     steps_per_epoch = max(1, math.ceil(len(pos_users) / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     train_backbone = any(p.requires_grad for p in model.encoder.parameters()) and cfg.text_items_per_step > 0
@@ -236,7 +238,9 @@ def train(
                 user_vec = model.user_vectors(vectors, history, mask)
 
                 if full_softmax:
-                    logits = model.retrieval_logits(user_vec, vectors).masked_fill(cold, -1e4)
+                    other_positives = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device)
+                    other_positives[torch.arange(len(items), device=device), items] = False
+                    logits = model.retrieval_logits(user_vec, vectors).masked_fill(cold | other_positives, -1e4)
                     retrieval = F.cross_entropy(logits.float(), items)
                 else:  # in-batch negatives: the other positives of the batch
                     logits = model.retrieval_logits(user_vec, vectors[items], items)
