@@ -238,24 +238,11 @@ def train(
                 user_vec = model.user_vectors(vectors, history, mask)
 
                 if full_softmax:
-                    other_positives = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device)
-                    other_positives[torch.arange(len(items), device=device), items] = False
-                    logits = model.retrieval_logits(user_vec, vectors).masked_fill(cold | other_positives, -1e4)
-                    retrieval = F.cross_entropy(logits.float(), items)
-                else:  # in-batch negatives: the other positives of the batch
-                    logits = model.retrieval_logits(user_vec, vectors[items], items)
-                    retrieval = F.cross_entropy(logits.float(), torch.arange(len(items), device=device))
-
-                # Column 0: the positive; columns 1..k: its user's negatives (same user vector).
-                head_items = vectors[torch.cat([items.unsqueeze(1), neg_items], dim=1)]
-                head_users = user_vec.unsqueeze(1).expand_as(head_items)
-                click_logit, like_logit = model.head_logits(head_users, head_items)
-                click_label = torch.zeros_like(click_logit)
-                click_label[:, 0] = 1.0
-                like_label = torch.zeros_like(like_logit)
-                like_label[:, 0] = likes
-                click_loss = F.binary_cross_entropy_with_logits(click_logit.float(), click_label)
-                like_loss = F.binary_cross_entropy_with_logits(like_logit.float(), like_label)
+                    excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
+                    retrieval = _catalog_softmax_loss(model, user_vec, vectors, items, excluded)
+                else:
+                    retrieval = _in_batch_softmax_loss(model, user_vec, vectors, items)
+                click_loss, like_loss = _head_losses(model, user_vec, vectors, items, neg_items, likes)
                 weights = cfg.loss_weights
                 loss = weights.retrieval * retrieval + weights.click * click_loss + weights.like * like_loss
 
@@ -294,6 +281,45 @@ def train(
         model.load_state_dict(best, strict=False)
     model.eval()
     return TrainResult(model, tokens, histories, state, time.perf_counter() - started)
+
+
+def _catalog_softmax_loss(
+    model: TwoTowerModel, users: torch.Tensor, vectors: torch.Tensor, items: torch.Tensor, excluded: torch.Tensor
+) -> torch.Tensor:
+    """Softmax over the whole catalog; ``excluded`` (B × N: cold items, the user's other positives) drops out."""
+    excluded = excluded.clone()
+    excluded[torch.arange(len(items), device=items.device), items] = False  # never the target itself
+    logits = model.retrieval_logits(users, vectors).masked_fill(excluded, -1e4)
+    return F.cross_entropy(logits.float(), items)
+
+
+def _in_batch_softmax_loss(
+    model: TwoTowerModel, users: torch.Tensor, vectors: torch.Tensor, items: torch.Tensor
+) -> torch.Tensor:
+    """Softmax over the batch's positives (large catalogs)."""
+    logits = model.retrieval_logits(users, vectors[items], items)
+    return F.cross_entropy(logits.float(), torch.arange(len(items), device=items.device))
+
+
+def _head_losses(
+    model: TwoTowerModel,
+    users: torch.Tensor,
+    vectors: torch.Tensor,
+    items: torch.Tensor,
+    negatives: torch.Tensor,
+    likes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Click and like BCE: column 0 is each positive, columns 1..k its user's negatives (same user vector)."""
+    head_items = vectors[torch.cat([items.unsqueeze(1), negatives], dim=1)]
+    click_logit, like_logit = model.head_logits(users.unsqueeze(1).expand_as(head_items), head_items)
+    click_label = torch.zeros_like(click_logit)
+    click_label[:, 0] = 1.0
+    like_label = torch.zeros_like(like_logit)
+    like_label[:, 0] = likes
+    return (
+        F.binary_cross_entropy_with_logits(click_logit.float(), click_label),
+        F.binary_cross_entropy_with_logits(like_logit.float(), like_label),
+    )
 
 
 def _validation(model: TwoTowerModel, histories: Histories, data: InteractionData, epoch: int) -> dict[str, float]:
