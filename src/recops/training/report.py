@@ -69,10 +69,10 @@ def recall_figure(models: Mapping[str, Mapping[str, float]]):
     positions = np.arange(len(names))
     for i, key in enumerate(keys):
         axis.bar(positions + i * width, [models[n].get(key, np.nan) for n in names], width, label=key)
-    axis.set_xticks(positions + width * (len(keys) - 1) / 2, names)
+    axis.set_xticks(positions + width * (len(keys) - 1) / 2, names, rotation=20, ha="right")
     axis.set_ylabel("recall")
     axis.set_title("Recall, warm and cold items")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
 
