@@ -1,0 +1,1 @@
+"""A/B experiment statistics: fixed-horizon and always-valid sequential tests, SRM checks."""
