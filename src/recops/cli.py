@@ -87,6 +87,41 @@ def prepare(file: SpecFile) -> None:
     typer.echo(json.dumps({"rows_read": logs.rows_read, "drops": data.drops, **data.summary()}, indent=2))
 
 
+serve_app = typer.Typer(help="Run servers locally: Triton for a model repository.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("triton")
+def serve_triton(
+    repo: Annotated[Path, typer.Option("--repo", help="Triton model repository folder.")],
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8002,
+) -> None:
+    """Start a real Triton server (from the nvidia-pytriton wheel) on 127.0.0.1 until Ctrl-C."""
+    import signal
+    import threading
+
+    from recops.serving.triton_server import TritonError, TritonPorts, TritonServer, free_port
+
+    ports = TritonPorts(*(port or free_port() for port in (http_port, grpc_port, metrics_port)))
+    server = TritonServer(repo, ports)
+    try:
+        server.start()
+    except TritonError as error:
+        server.close()
+        raise _fail(str(error)) from None
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    console.print(f"triton ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}")
+    while not stopped.wait(0.5):
+        if server.process is not None and server.process.poll() is not None:
+            raise _fail(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+    server.close()
+    console.print("triton stopped")
+
+
 def _print_metrics(models: dict[str, dict[str, float]]) -> None:
     from rich.table import Table
 

@@ -1,0 +1,215 @@
+"""A real Triton Inference Server on this machine, from PyPI's ``nvidia-pytriton`` wheel.
+
+The wheel ships ``tritonserver`` (Triton 2.51), the python backend and
+python-backend stubs for several Pythons. Starting it needs three things the
+wheel does not arrange by itself (see docs/architecture.md): the wheel's
+``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH``; a backends folder whose
+``python/`` holds the stub for the running Python; and this environment's
+``bin`` first on ``PATH``, because the stub runs ``model.py`` with the first
+``python3`` it finds. Production uses NGC's image with the same model repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+
+class TritonError(RuntimeError):
+    """Triton is missing, or did not start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the wheel put the server, its libraries, backends and stubs."""
+
+    binary: Path
+    libraries: Path
+    backends: Path
+    stubs: Path
+
+    def stub_for_this_python(self) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self.stubs / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise TritonError(f"nvidia-pytriton has no python-backend stub for Python {version} ({stub})")
+        return stub
+
+
+def find_triton() -> TritonInstallation:
+    """Locate the ``nvidia-pytriton`` installation, or say how to get it."""
+    try:
+        import pytriton
+    except ImportError as error:
+        raise TritonError("Triton needs the 'nvidia-pytriton' package: pip install 'recops[serve]'") from error
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    installation = TritonInstallation(
+        binary=root / "bin" / "tritonserver",
+        libraries=root.parent.parent / "nvidia_pytriton.libs",
+        backends=root / "backends",
+        stubs=root / "python_backend_stubs",
+    )
+    if not installation.binary.is_file():
+        raise TritonError(f"tritonserver not found at {installation.binary}")
+    return installation
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    """HTTP, gRPC and metrics ports."""
+
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        return cls(free_port(), free_port(), free_port())
+
+
+def prepare_backends(installation: TritonInstallation, folder: Path) -> Path:
+    """A backends folder whose python backend carries the stub for the running Python."""
+    python_backend = folder / "python"
+    if not python_backend.exists():
+        shutil.copytree(installation.backends / "python", python_backend)
+    shutil.copy2(installation.stub_for_this_python(), python_backend / "triton_python_backend_stub")
+    return folder
+
+
+class TritonServer:
+    """Start ``tritonserver`` on loopback for a model repository; stop it on exit.
+
+    Use as a context manager: ``with TritonServer(repo) as server: server.http_url``.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        ports: TritonPorts | None = None,
+        log_path: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.repository = Path(repository)
+        self.ports = ports or TritonPorts.free()
+        self.extra_args = extra_args
+        self._scratch = tempfile.TemporaryDirectory(prefix="recops-triton-")
+        self.log_path = log_path or Path(self._scratch.name) / "tritonserver.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def command(self, installation: TritonInstallation, backends: Path) -> list[str]:
+        """The tritonserver command line (loopback only)."""
+        return [
+            str(installation.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.ports.http}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.ports.grpc}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.ports.metrics}",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 60.0) -> TritonServer:
+        """Start the server and wait until it reports ready."""
+        if not (self.repository.is_dir()):
+            raise TritonError(f"{self.repository}: model repository not found")
+        installation = find_triton()
+        backends = prepare_backends(installation, Path(self._scratch.name) / "backends")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(installation.libraries), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        log = self.log_path.open("wb")
+        # Own process group: a stop (or Ctrl-C of the parent) takes the python-backend stubs down too.
+        self.process = subprocess.Popen(
+            self.command(installation, backends), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+        log.close()
+        self._wait_ready(timeout)
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TritonError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server and its backend stubs; SIGKILL if it does not exit in ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # stubs left in the group after the server exited
+            os.killpg(group, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop the server and remove its scratch folder (backends, default log)."""
+        self.stop()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
