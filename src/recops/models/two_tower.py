@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recops.kernels import head_features
 from recops.models.backbone import TextEncoder
 
 
@@ -45,7 +46,7 @@ class Head(nn.Module):
         self.net = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([users, items, users * items], dim=-1)).squeeze(-1)
+        return self.net(head_features(users, items)).squeeze(-1)
 
 
 class TwoTowerModel(nn.Module):

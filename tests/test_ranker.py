@@ -1,0 +1,81 @@
+"""The ranker over an exported model: same scores as the trained model, clear errors for bad requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recops.api.recmodel import RecModelSpec
+from recops.data.prepare import prepare
+from recops.serving.ranker import Ranker, RankRequestError
+from recops.training.export import export_model
+from recops.training.trainer import ModelScorer, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    spec = RecModelSpec.model_validate({
+        "data": {"source": "synthetic", "synthetic": {"users": 150, "items": 80, "days": 10, "seed": 4}},
+        "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 32, "textItemsPerStep": 8},
+    })
+    data = prepare(spec.data)
+    folder = tmp_path_factory.mktemp("model")
+    result = train(spec, data, folder / "checkpoints")
+    export_model(result.model, spec, data, folder / "model")
+    return data, result, Ranker.load(folder / "model")
+
+
+def _history_ids(data, user):
+    rows = data.train.filter(pl.col("user_idx") == user).sort("timestamp", "item_idx")
+    return [data.items["item_id"][i] for i in rows["item_idx"].to_list()]
+
+
+def test_recommendations_equal_the_trained_models_scores(exported):
+    data, result, ranker = exported
+    users = [u for u in range(data.n_users) if data.train.filter(pl.col("user_idx") == u).height][:20]
+    expected = ModelScorer(result.model, result.histories).score_users(np.array(users))
+    answers = ranker.recommend([_history_ids(data, u) for u in users], k=10)
+    for row, user in enumerate(users):
+        seen = set(data.train.filter(pl.col("user_idx") == user)["item_idx"].to_list())
+        order = [i for i in np.argsort(-expected[row], kind="stable") if i not in seen][:10]
+        got = [ranker.item_index[i] for i in answers[row].item_ids]
+        assert np.allclose(answers[row].scores, expected[row][got], atol=1e-5)
+        assert np.allclose(np.sort(expected[row][order])[::-1], answers[row].scores, atol=1e-5)
+        assert ((answers[row].click > 0) & (answers[row].click < 1)).all()
+
+
+def test_empty_history_and_candidates(exported):
+    data, _, ranker = exported
+    pool = data.items["item_id"].to_list()[:5]
+    (answer,) = ranker.recommend([[]], k=3, candidates=pool)
+    assert set(answer.item_ids) <= set(pool) and len(answer.item_ids) == 3
+    assert list(answer.scores) == sorted(answer.scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"histories": [["no-such-item"]], "k": 5}, "unknown item ids: no-such-item"),
+        ({"histories": [[]], "k": 0}, "k must be between 1"),
+        ({"histories": [[]], "k": 100_000}, "k must be between 1"),
+        ({"histories": [[]], "k": 5, "candidates": ["nope"]}, "candidates has unknown"),
+        ({"histories": [[]], "k": 5, "candidates": []}, "only 0 items are left"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_ranker_keeps_working(exported, request_, message):
+    data, _, ranker = exported
+    with pytest.raises(RankRequestError, match=message):
+        ranker.recommend(**request_)
+    assert len(ranker.recommend([[data.items["item_id"][0]]], k=2)[0].item_ids) == 2
+
+
+def test_oversized_history_is_refused(exported):
+    data, _, ranker = exported
+    small = Ranker(ranker.loaded, max_history=3)
+    with pytest.raises(RankRequestError, match="history\\[0\\] has 4 items; at most 3"):
+        small.recommend([data.items["item_id"].to_list()[:4]], k=2)
