@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training nodes
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 TABLE_METRICS = (
     "recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@10",
@@ -34,17 +35,18 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_figure(losses: Sequence[Mapping[str, float]]):
-    """Training loss terms against step (moving average)."""
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    """Training loss terms against step (moving average); the softmax and the BCE terms on their own scales."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     window = max(1, len(losses) // 50)
-    for key in ("loss", "retrieval", "click", "like"):
-        values = np.array([row[key] for row in losses], dtype=float)
-        smoothed = _smooth(values, window)
-        axis.plot(np.arange(len(smoothed)) + window - 1, smoothed, label=key)
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title("Training loss")
-    axis.legend()
+    for axis, keys, title in ((axes[0], ("loss", "retrieval"), "total and retrieval"),
+                              (axes[1], ("click", "like"), "click and like heads (BCE)")):
+        for key in keys:
+            smoothed = _smooth(np.array([row[key] for row in losses], dtype=float), window)
+            axis.plot(np.arange(len(smoothed)) + window - 1, smoothed, label=key)
+        axis.set_xlabel("step")
+        axis.set_title(title)
+        axis.legend()
+    axes[0].set_ylabel("loss")
     return figure
 
 
@@ -53,6 +55,7 @@ def validation_figure(valid: Sequence[Mapping[str, float]]):
     figure, axis = plt.subplots(figsize=(7, 3))
     epochs = [row["epoch"] for row in valid if "recall@20" in row]
     axis.plot(epochs, [row["recall@20"] for row in valid if "recall@20" in row], marker="o")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("valid Recall@20")
     axis.set_title("Validation")
