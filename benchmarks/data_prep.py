@@ -24,10 +24,9 @@ import pandas as pd
 from recops.api.recmodel import CleaningSpec
 from recops.data.cleaning import clean_events
 from recops.data.io import read_events, write_events
+from recops.data.schema import EVENT_TYPES
 from recops.data.sessions import sessionize
 from recops.data.synthetic import SyntheticConfig, generate
-
-EVENT_TYPES = {"impression", "click", "like", "cart", "purchase"}
 
 
 def make_log(n_events: int, folder: Path) -> tuple[Path, set[str]]:
@@ -49,7 +48,7 @@ def run_recops(path: Path, items) -> int:
 def run_pandas(path: Path, item_ids: set[str]) -> int:
     frame = pd.read_json(path, lines=True, dtype={"user_id": str, "item_id": str, "request_id": str})
     frame = frame.dropna(subset=["user_id", "item_id", "event", "timestamp"])
-    frame = frame[frame["event"].isin(EVENT_TYPES)]
+    frame = frame[frame["event"].isin(list(EVENT_TYPES))]
     frame["timestamp"] = pd.to_numeric(frame["timestamp"], errors="coerce")
     frame = frame[frame["timestamp"] > 0]
     frame = frame.drop_duplicates(subset=["user_id", "item_id", "event", "timestamp", "request_id"])

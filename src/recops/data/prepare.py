@@ -83,14 +83,15 @@ def index_logs(
 
     items = logs.items.with_columns(item_text(logs.items).alias("text")).with_row_index("item_idx")
     users = engaged.select("user_id").unique().sort("user_id").with_row_index("user_idx")
-    cold = items.filter(pl.col("item_id").is_in(pl.Series(parts.cold_items, dtype=pl.String).implode()))
+    is_cold = pl.col("item_id").is_in(pl.Series(parts.cold_items, dtype=pl.String).implode())
+    cold = items.filter(is_cold)
 
     impressions = logs.events.filter(pl.col("event") == "impression")
     if exposure_before is not None:
         impressions = impressions.filter(pl.col("timestamp") < exposure_before)
     exposures = (
         impressions.join(engaged.select("user_id", "item_id"), on=["user_id", "item_id"], how="anti")
-        .filter(~pl.col("item_id").is_in(pl.Series(parts.cold_items, dtype=pl.String).implode()))
+        .filter(~is_cold)
         .with_columns(pl.lit(0, dtype=pl.Int8).alias("like"))
     )
     drops = dict(logs.drops)

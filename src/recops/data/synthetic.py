@@ -35,26 +35,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import polars as pl
 
-EVENT_TYPES = ("impression", "click", "like", "cart", "purchase")
-IMPRESSION, CLICK, LIKE, CART, PURCHASE = range(len(EVENT_TYPES))
+from recops.data.schema import EVENT_SCHEMA, EVENT_TYPES, ITEM_SCHEMA
 
-EVENT_SCHEMA: dict[str, pl.DataType] = {
-    "user_id": pl.Utf8(),
-    "item_id": pl.Utf8(),
-    "event": pl.Utf8(),
-    "timestamp": pl.Int64(),
-    "device": pl.Utf8(),
-    "request_id": pl.Utf8(),
-    "value": pl.Float64(),
-}
-ITEM_SCHEMA: dict[str, pl.DataType] = {
-    "item_id": pl.Utf8(),
-    "title": pl.Utf8(),
-    "category": pl.Utf8(),
-    "description": pl.Utf8(),
-    "price": pl.Float64(),
-    "created_at": pl.Int64(),
-}
+# Event codes follow the order of the contract's EVENT_TYPES.
+IMPRESSION, CLICK, LIKE, CART, PURCHASE = range(len(EVENT_TYPES))
 
 DEFAULT_START = 1_767_225_600  # 2026-01-01T00:00:00Z
 DAY = 86_400
