@@ -36,3 +36,28 @@ def small_synthetic():
     from recops.data.synthetic import SyntheticConfig, generate
 
     return generate(SyntheticConfig(n_users=200, n_items=120, days=10, seed=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny two-tower model trained for one epoch and exported (about 10 s on CPU).
+
+    Returns ``(data, train_result, model_dir)``; shared by the ranker, Triton and router tests.
+    """
+    from recops.api.recmodel import RecModelSpec
+    from recops.data.prepare import prepare
+    from recops.training.export import export_model
+    from recops.training.trainer import train
+
+    spec = RecModelSpec.model_validate({
+        "data": {"source": "synthetic", "synthetic": {"users": 150, "items": 80, "days": 10, "seed": 4}},
+        "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 32, "textItemsPerStep": 8},
+        "serving": {"maxBatchSize": 16, "maxQueueDelayMicroseconds": 2000},
+    })
+    data = prepare(spec.data)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    result = train(spec, data, folder / "checkpoints")
+    export_model(result.model, spec, data, folder / "model")
+    return data, result, folder / "model"

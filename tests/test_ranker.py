@@ -6,28 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recops.api.recmodel import RecModelSpec
-from recops.data.prepare import prepare
 from recops.serving.ranker import Ranker, RankRequestError
-from recops.training.export import export_model
-from recops.training.trainer import ModelScorer, train
+from recops.training.trainer import ModelScorer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    spec = RecModelSpec.model_validate({
-        "data": {"source": "synthetic", "synthetic": {"users": 150, "items": 80, "days": 10, "seed": 4}},
-        "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 32, "textItemsPerStep": 8},
-    })
-    data = prepare(spec.data)
-    folder = tmp_path_factory.mktemp("model")
-    result = train(spec, data, folder / "checkpoints")
-    export_model(result.model, spec, data, folder / "model")
-    return data, result, Ranker.load(folder / "model")
+def exported(tiny_model):
+    data, result, model_dir = tiny_model
+    return data, result, Ranker.load(model_dir)
 
 
 def _history_ids(data, user):
