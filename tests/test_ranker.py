@@ -52,7 +52,7 @@ def test_empty_history_and_candidates(exported):
         ({"histories": [[]], "k": 0}, "k must be between 1"),
         ({"histories": [[]], "k": 100_000}, "k must be between 1"),
         ({"histories": [[]], "k": 5, "candidates": ["nope"]}, "candidates has unknown"),
-        ({"histories": [[]], "k": 5, "candidates": []}, "only 0 items are left"),
+        ({"histories": [[]], "k": 5, "candidates": []}, "candidates is empty"),
     ],
 )
 def test_bad_requests_are_refused_and_the_ranker_keeps_working(exported, request_, message):
@@ -60,6 +60,13 @@ def test_bad_requests_are_refused_and_the_ranker_keeps_working(exported, request
     with pytest.raises(RankRequestError, match=message):
         ranker.recommend(**request_)
     assert len(ranker.recommend([[data.items["item_id"][0]]], k=2)[0].item_ids) == 2
+
+
+def test_a_pool_holding_only_the_history_is_refused(exported):
+    data, _, ranker = exported
+    first = data.items["item_id"][0]
+    with pytest.raises(RankRequestError, match="k=1 but only 0 items are left"):
+        ranker.recommend([[first]], k=1, candidates=[first])
 
 
 def test_oversized_history_is_refused(exported):

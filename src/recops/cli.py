@@ -87,6 +87,24 @@ def prepare(file: SpecFile) -> None:
     typer.echo(json.dumps({"rows_read": logs.rows_read, "drops": data.drops, **data.summary()}, indent=2))
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model directory (train --out DIR/model).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Triton model repository to write.")],
+    gpu: Annotated[
+        bool | None, typer.Option("--gpu/--cpu", help="Ranker on KIND_GPU or KIND_CPU (default: the spec's GPUs).")
+    ] = None,
+) -> None:
+    """Write the Triton model repository (ensemble of preprocess, ranker, postprocess) of a model."""
+    from recops.serving.repository import RepositoryError, build_repository
+
+    try:
+        build_repository(model, out, gpu=gpu)
+    except RepositoryError as error:
+        raise _fail(str(error)) from None
+    console.print(f"triton repository: {out}")
+
+
 serve_app = typer.Typer(help="Run servers locally: Triton for a model repository.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -170,13 +171,27 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
+    def load_failures(self) -> list[str]:
+        """Triton's reasons for models that failed to load, one line each, without the tracebacks."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        reasons = re.findall(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"$)", log, re.MULTILINE)
+        return list(dict.fromkeys(f"{model}: {reason}" for model, reason in reasons))
+
+    def _failure(self, headline: str) -> TritonError:
+        failures = self.load_failures()
+        detail = "\n".join(failures) if failures else self.log_tail()
+        return TritonError(f"{headline}:\n{detail}")
+
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise TritonError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise self._failure(f"tritonserver exited with {self.process.returncode}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
@@ -185,7 +200,7 @@ class TritonServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TritonError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise self._failure(f"tritonserver not ready after {timeout:.0f} s")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server and its backend stubs; SIGKILL if it does not exit in ``timeout``."""

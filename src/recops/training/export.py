@@ -102,8 +102,12 @@ class LoadedModel:
         return self.items["item_id"].to_list()
 
 
-def load_model(directory: Path) -> LoadedModel:
-    """Rebuild the exported model; fails when the feature schema does not match this code's."""
+def load_serving_metadata(directory: Path) -> tuple[pl.DataFrame, FeatureSchema]:
+    """The catalog and feature schema of a model directory, checked against this code's schema.
+
+    Serving refuses a model built with other features: the seed once lost 27% of its
+    quality, silently, to a ranker reading features its model was not trained on.
+    """
     directory = Path(directory)
     spec = parse_recmodel_spec(yaml.safe_load((directory / "spec.yaml").read_text()), str(directory / "spec.yaml"))
     items = pl.read_parquet(directory / "items.parquet")
@@ -114,6 +118,37 @@ def load_model(directory: Path) -> LoadedModel:
             f"{directory / FEATURE_SCHEMA}: feature schema hash {stored.digest()[:12]} differs from this "
             f"recops' {expected.digest()[:12]}: the model was built with other features; retrain or use its version"
         )
+    return items, stored
+
+
+def load_model(directory: Path, with_backbone: bool = True) -> LoadedModel:
+    """Rebuild the exported model; fails when the feature schema does not match this code's.
+
+    ``with_backbone=False`` skips the language model: serving reads histories as item
+    vectors from the exported index, so it never encodes text (and loads in a fraction
+    of the memory and time).
+    """
+    directory = Path(directory)
+    items, schema = load_serving_metadata(directory)
+    spec = parse_recmodel_spec(yaml.safe_load((directory / "spec.yaml").read_text()), str(directory / "spec.yaml"))
+    towers = load_file(directory / "towers.safetensors")
+    config = TwoTowerConfig(
+        n_items=items.height,
+        embedding_dim=spec.training.embedding_dim,
+        temperature=spec.training.temperature,
+        use_id_embeddings=spec.training.use_id_embeddings,
+    )
+    if with_backbone:
+        encoder = _load_encoder(directory, spec)
+        model = TwoTowerModel(encoder, encoder.hidden_size, config)
+    else:
+        model = TwoTowerModel(None, towers["text_projection.weight"].shape[1], config)
+    model.load_state_dict(towers, strict=False)
+    model.eval()
+    return LoadedModel(model, spec, items, schema, np.load(directory / "item_index.npy"))
+
+
+def _load_encoder(directory: Path, spec: RecModelSpec) -> TextEncoder:
     backbone = json.loads((directory / "backbone.json").read_text())
     base_dir = directory / "base" if backbone["base_included"] else None
     base, tokenizer = load_base_model(spec.backbone, seed=spec.training.seed, local_dir=base_dir)
@@ -123,14 +158,4 @@ def load_model(directory: Path) -> LoadedModel:
         wrapped = PeftModel.from_pretrained(base, directory / "adapter")
     else:
         wrapped = apply_lora(base, spec.lora)
-    encoder = TextEncoder(wrapped, tokenizer, spec.backbone.pooling, spec.backbone.max_seq_length)
-    config = TwoTowerConfig(
-        n_items=items.height,
-        embedding_dim=spec.training.embedding_dim,
-        temperature=spec.training.temperature,
-        use_id_embeddings=spec.training.use_id_embeddings,
-    )
-    model = TwoTowerModel(encoder, encoder.hidden_size, config)
-    model.load_state_dict(load_file(directory / "towers.safetensors"), strict=False)
-    model.eval()
-    return LoadedModel(model, spec, items, stored, np.load(directory / "item_index.npy"))
+    return TextEncoder(wrapped, tokenizer, spec.backbone.pooling, spec.backbone.max_seq_length)

@@ -1,0 +1,62 @@
+"""Talking to ``recops_ensemble``: request tensors, response parsing, and the router's async client.
+
+The request/response helpers work with both of tritonclient's protocols (``tritonclient.http``
+and ``tritonclient.grpc`` share ``InferInput``'s interface), so tests and benchmarks can
+compare HTTP and gRPC on the same bytes. :class:`TritonRecommender` is the router's upstream:
+one persistent gRPC channel (tritonclient's asyncio client) per Triton endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from recops.serving import contract as c
+
+
+@dataclass(frozen=True)
+class TritonAnswer:
+    """The ensemble's answer for one user, best first."""
+
+    item_ids: list[str]
+    scores: np.ndarray
+    click: np.ndarray
+    like: np.ndarray
+
+
+def _bytes_row(values: Sequence[str]) -> np.ndarray:
+    # An empty list travels as one empty string: the models drop empty strings.
+    return np.array([[v.encode() for v in values] or [b""]], dtype=object)
+
+
+def request_inputs(
+    protocol: ModuleType, user_id: str, history: Sequence[str], k: int, candidates: Sequence[str] | None = None
+) -> list[Any]:
+    """The ensemble's input tensors for one user (``protocol``: ``tritonclient.http`` or ``.grpc``)."""
+    tensors: list[tuple[str, np.ndarray, str]] = [
+        (c.USER_ID, np.array([[user_id.encode()]], dtype=object), "BYTES"),
+        (c.HISTORY, _bytes_row(history), "BYTES"),
+        (c.K, np.array([[k]], dtype=np.int32), "INT32"),
+    ]
+    if candidates is not None:
+        tensors.append((c.CANDIDATES, _bytes_row(candidates), "BYTES"))
+    inputs = []
+    for name, array, datatype in tensors:
+        tensor = protocol.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def parse_answer(result: Any) -> TritonAnswer:
+    """The first row of an ensemble result (``InferResult`` of either protocol)."""
+    return TritonAnswer(
+        item_ids=[v.decode() for v in result.as_numpy(c.ITEM_IDS)[0]],
+        scores=result.as_numpy(c.SCORES)[0],
+        click=result.as_numpy(c.CLICK)[0],
+        like=result.as_numpy(c.LIKE)[0],
+    )
