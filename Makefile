@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install system-deps demo test lint clean
 
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,23 @@ $(BIN)/recops: pyproject.toml
 
 install: $(BIN)/recops
 
+# Real Prometheus (gate tests) and wrk (serving benchmark) come from Debian; installed when missing.
+SYSTEM_TOOLS := prometheus wrk
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing from Debian"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
 ## Train the two-tower model on the synthetic shop log, evaluate it beside the baselines, write the report.
 demo: install
 	$(BIN)/recops train -f examples/recmodel-synthetic.yaml --out $(OUT)
 
 ## Lint, then every test (unit, then the training end-to-end tests).
-test: install
+test: install system-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
