@@ -8,6 +8,7 @@ one persistent gRPC channel (tritonclient's asyncio client) per Triton endpoint.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -60,3 +61,56 @@ def parse_answer(result: Any) -> TritonAnswer:
         click=result.as_numpy(c.CLICK)[0],
         like=result.as_numpy(c.LIKE)[0],
     )
+
+
+def _client_message(error: Any) -> str:
+    # Triton prefixes errors from ensemble steps with "in ensemble 'name', ": not the client's business.
+    return re.sub(r"^in ensemble '[^']*', ", "", error.message() or str(error))
+
+
+class TritonRecommender:
+    """The router's upstream for one arm: Triton's ensemble over one persistent gRPC channel.
+
+    Implements ``recops.serving.router.upstream.Recommender``. Triton's INVALID_ARGUMENT
+    (unknown items, k out of range) becomes ``UpstreamBadRequest`` with Triton's reason;
+    a missed deadline ``UpstreamTimeout``; anything else ``UpstreamError``.
+    """
+
+    def __init__(self, url: str, model: str = c.ENSEMBLE, timeout_s: float = 1.0) -> None:
+        import tritonclient.grpc.aio as triton_aio
+
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self._protocol = triton_aio
+        self._client = triton_aio.InferenceServerClient(url)
+
+    async def recommend(self, user_id: str, history: list[str], k: int, candidates: list[str] | None) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        from recops.serving.router.upstream import Ranked, UpstreamBadRequest, UpstreamError, UpstreamTimeout
+
+        inputs = request_inputs(self._protocol, user_id, history, k, candidates)
+        try:
+            result = await self._client.infer(self.model, inputs, client_timeout=self.timeout_s)
+        except InferenceServerException as error:
+            status = str(error.status() or "")
+            if status.endswith("INVALID_ARGUMENT"):
+                raise UpstreamBadRequest(_client_message(error)) from None
+            if status.endswith("DEADLINE_EXCEEDED"):
+                raise UpstreamTimeout(f"Triton {self.url} did not answer within {self.timeout_s:g} s") from None
+            raise UpstreamError(f"Triton {self.url}: {status or 'error'}: {_client_message(error)}") from None
+        answer = parse_answer(result)
+        return Ranked(answer.item_ids, answer.scores.tolist(), answer.click.tolist(), answer.like.tolist())
+
+    async def ready(self) -> bool:
+        """Whether Triton says the ensemble is ready (False when unreachable)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self._client.is_model_ready(self.model, headers=None))
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()
