@@ -61,3 +61,52 @@ def tiny_model(tmp_path_factory):
     result = train(spec, data, folder / "checkpoints")
     export_model(result.model, spec, data, folder / "model")
     return data, result, folder / "model"
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    """The ``prometheus`` binary; skips (or fails with RECOPS_REQUIRE_PROMETHEUS=1) when absent."""
+    from _prometheus import prometheus_binary
+
+    binary = prometheus_binary()
+    if binary is None:
+        if os.environ.get("RECOPS_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("RECOPS_REQUIRE_PROMETHEUS=1 but no 'prometheus' on PATH (Debian: apt-get install prometheus)")
+        pytest.skip("no 'prometheus' on PATH (Debian: apt-get install prometheus; or set RECOPS_PROMETHEUS_BIN)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def prometheus_factory(prometheus_bin, tmp_path_factory):
+    """``start(targets) -> PrometheusProcess``: real Prometheus servers, every one stopped at session end."""
+    from _prometheus import PrometheusProcess
+
+    started = []
+
+    def start(targets, scrape_interval="1s"):
+        server = PrometheusProcess(prometheus_bin, tmp_path_factory.mktemp("prometheus"), targets, scrape_interval)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_model, tmp_path_factory):
+    """The Triton model repository of ``tiny_model`` (recops export)."""
+    from recops.serving.repository import build_repository
+
+    return build_repository(tiny_model[2], tmp_path_factory.mktemp("repo") / "repo")
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tiny_repository):
+    """A real Triton (nvidia-pytriton's tritonserver) serving ``tiny_repository`` on loopback."""
+    from recops.serving.triton_server import TritonServer
+
+    with TritonServer(tiny_repository) as server:
+        yield server

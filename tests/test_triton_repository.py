@@ -26,7 +26,7 @@ from recops.cli import app
 from recops.data.features import FeatureSchema
 from recops.serving import contract as c
 from recops.serving.ranker import Ranker
-from recops.serving.repository import ARTIFACT, build_repository, model_configs
+from recops.serving.repository import ARTIFACT, model_configs
 from recops.serving.triton_client import parse_answer, request_inputs
 from recops.serving.triton_server import TritonError, TritonServer
 
@@ -34,15 +34,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_model, tmp_path_factory):
-    _, _, model_dir = tiny_model
-    return build_repository(model_dir, tmp_path_factory.mktemp("repo") / "repo")
+def repository(tiny_repository):
+    return tiny_repository
 
 
 @pytest.fixture(scope="module")
-def server(repository):
-    with TritonServer(repository) as running:
-        yield running
+def server(tiny_triton):
+    return tiny_triton
 
 
 @pytest.fixture(scope="module")
