@@ -255,3 +255,30 @@ def test_ratio_metric_lift_with_constant_values():
 def test_bad_inputs_raise_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# --------------------------------------------------------------------------- normal-data mSPRT (GMV per user)
+
+
+def test_normal_msprt_is_the_proportion_msprt_given_the_same_variance():
+    from recops.experiments.statistics import normal_msprt_interval, normal_msprt_p_value
+
+    cs, cn, ts, tn = 100, 2000, 140, 2000
+    pooled = (cs + ts) / (cn + tn)
+    pooled_variance = pooled * (1 - pooled) * (1 / cn + 1 / tn)
+    diff = ts / tn - cs / cn
+    assert normal_msprt_p_value(diff, pooled_variance, 1e-4) == pytest.approx(msprt_p_value(cs, cn, ts, tn))
+    pc, pt = cs / cn, ts / tn
+    unpooled = pc * (1 - pc) / cn + pt * (1 - pt) / tn
+    assert normal_msprt_interval(diff, unpooled, 0.05, 1e-4) == pytest.approx(
+        msprt_confidence_interval(cs, cn, ts, tn, alpha=0.05)
+    )
+    assert normal_msprt_p_value(0.3, 0.0, 1.0) == 1.0
+    assert normal_msprt_interval(0.3, 0.0, 0.05, 1.0) == (-math.inf, math.inf)
+    for call, name in [
+        (lambda: normal_msprt_p_value(math.nan, 1.0, 1.0), "difference"),
+        (lambda: normal_msprt_p_value(0.1, -1.0, 1.0), "variance"),
+        (lambda: normal_msprt_interval(0.1, 1.0, 0.05, 0.0), "tau_squared"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            call()

@@ -8,6 +8,8 @@ counters it already keeps, at any look, without re-reading logs.
 * :func:`msprt_p_value`, :func:`sequential_decision`, :func:`msprt_confidence_interval`
   – mixture SPRT (Johari, Pekelis & Walsh 2017, "Always valid inference"),
   safe to evaluate after every batch of traffic.
+* :func:`normal_msprt_p_value`, :func:`normal_msprt_interval` – the same mSPRT for any
+  asymptotically normal estimate (a difference of per-user means).
 * :func:`sample_ratio_mismatch` – chi-square goodness of fit of arm sizes.
 * :func:`ratio_metric_lift` – Welch comparison of per-user means (e.g. GMV/user).
 """
@@ -115,6 +117,12 @@ def _check_alpha(alpha: float, name: str = "alpha") -> float:
 def _check_positive(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_finite(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -314,6 +322,45 @@ def msprt_confidence_interval(
         if low > high:
             low = high = (low + high) / 2.0
     return low, high
+
+
+def normal_msprt_p_value(difference: float, variance: float, tau_squared: float) -> float:
+    """Always-valid p-value ``min(1, 1/Λ)`` for H0: θ = 0 from an estimate ``difference ~ N(θ, variance)``.
+
+    The same mixture SPRT as :func:`msprt_p_value`, for any asymptotically normal
+    estimate (e.g. a difference of per-user means with a Welch variance) instead of
+    a difference of proportions. ``tau_squared`` is in the squared units of
+    ``difference``. A zero variance carries no spread information: p = 1.
+    """
+    _check_finite(difference, "difference")
+    if isinstance(variance, bool) or not isinstance(variance, Real) or not math.isfinite(variance) or variance < 0:
+        raise ValueError(f"variance must be a non-negative finite number, got {variance!r}")
+    tau_squared = _check_positive(tau_squared, "tau_squared")
+    if variance == 0:
+        return 1.0
+    log_lr = _log_mixture_lr(float(difference), float(variance), tau_squared)
+    return 1.0 if log_lr <= 0 else math.exp(-log_lr)
+
+
+def normal_msprt_interval(
+    difference: float, variance: float, alpha: float, tau_squared: float
+) -> tuple[float, float]:
+    """Always-valid ``1 - alpha`` interval for θ from ``difference ~ N(θ, variance)``.
+
+    The inversion used by :func:`msprt_confidence_interval`, without the clipping
+    to [-1, 1] (a difference of means is unbounded). A zero variance gives the
+    whole real line: the look carries no spread information.
+    """
+    _check_finite(difference, "difference")
+    if isinstance(variance, bool) or not isinstance(variance, Real) or not math.isfinite(variance) or variance < 0:
+        raise ValueError(f"variance must be a non-negative finite number, got {variance!r}")
+    alpha = _check_alpha(alpha)
+    tau_squared = _check_positive(tau_squared, "tau_squared")
+    if variance == 0:
+        return -math.inf, math.inf
+    total = variance + tau_squared
+    half = math.sqrt(2.0 * variance * total / tau_squared * (math.log(1.0 / alpha) + 0.5 * math.log(total / variance)))
+    return float(difference) - half, float(difference) + half
 
 
 # --------------------------------------------------------------------------- sample ratio mismatch
