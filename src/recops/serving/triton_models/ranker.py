@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from recops.serving import contract as c
 from recops.serving import repository as r
@@ -33,6 +34,10 @@ class TritonPythonModel:
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
+        else:
+            # One thread per CPU instance: batches are small, and OpenMP threads spinning beside
+            # Triton's own threads and the other steps' stubs cost more than they bring.
+            torch.set_num_threads(1)
         self.scorer = Scorer(load_model(artifact_dir(args), with_backbone=False), device=device)
 
     def execute(self, requests: list) -> list:
