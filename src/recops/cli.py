@@ -105,7 +105,7 @@ def export(
     console.print(f"triton repository: {out}")
 
 
-serve_app = typer.Typer(help="Run servers locally: Triton for a model repository.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
 
@@ -138,6 +138,25 @@ def serve_triton(
             raise _fail(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
     server.close()
     console.print("triton stopped")
+
+
+@serve_app.command("router")
+def serve_router(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Router config (YAML): experiment, arms, limits.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each with its own feedback log file).")] = 1,
+) -> None:
+    """Run the A/B router (uvicorn) until SIGTERM/SIGINT; the config file is reloaded when it changes."""
+    from recops.serving.router.config import ConfigError, load_config
+
+    try:
+        load_config(config)
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    from recops.serving.router.server import serve
+
+    serve(config, host=host, port=port, workers=workers)
 
 
 def _print_metrics(models: dict[str, dict[str, float]]) -> None:
