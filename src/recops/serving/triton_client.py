@@ -114,8 +114,8 @@ class TritonRecommender:
 
     ``batch_rows`` > 1 turns on micro-batching: requests with the same k (and whether they
     carry candidates) that arrive in the same turn of the event loop are sent together, up
-    to ``batch_rows`` per Triton request (at most the ensemble's ``max_batch_size``). Nothing
-    waits on a timer, so a lone request leaves at once.
+    to ``batch_rows`` per Triton request (capped at the ensemble's ``max_batch_size``, read
+    from Triton on first use). Nothing waits on a timer, so a lone request leaves at once.
     """
 
     def __init__(self, url: str, model: str = c.ENSEMBLE, timeout_s: float = 1.0, batch_rows: int = 1) -> None:
@@ -130,6 +130,27 @@ class TritonRecommender:
         self._protocol = triton_aio
         self._channel: Any = None  # opened on first use: a gRPC aio channel belongs to a running loop
         self._pending: dict[tuple[int, bool], _Pending] = {}
+        self._rows_checked = batch_rows == 1
+        self._rows_check: asyncio.Future | None = None
+
+    async def _check_rows(self) -> None:
+        # Triton refuses a request with more rows than the model's max_batch_size: cap to it.
+        config = await self._client.get_model_config(self.model, as_json=True)
+        max_batch_size = int(config.get("config", {}).get("max_batch_size", 0))
+        self.batch_rows = max(1, min(self.batch_rows, max_batch_size))
+        self._rows_checked = True
+
+    async def _ensure_rows_checked(self) -> None:
+        # Every request arriving before the answer waits for the same check; a failed check is retried later.
+        if self._rows_check is None:
+            self._rows_check = asyncio.ensure_future(self._map_errors(self._check_rows()))
+        check = self._rows_check
+        try:
+            await asyncio.shield(check)
+        except Exception:
+            if self._rows_check is check:
+                self._rows_check = None
+            raise
 
     @property
     def _client(self) -> Any:
@@ -141,6 +162,8 @@ class TritonRecommender:
         from recops.serving.router.upstream import Ranked
 
         row = RowRequest(user_id, history, k, candidates)
+        if not self._rows_checked:
+            await self._ensure_rows_checked()
         if self.batch_rows == 1:
             (answer,) = await self._infer([row])
         else:
@@ -200,14 +223,16 @@ class TritonRecommender:
         asyncio.get_running_loop().create_task(one())
 
     async def _infer(self, rows: Sequence[RowRequest]) -> list[TritonAnswer]:
+        call = self._client.infer(self.model, batch_inputs(self._protocol, rows), client_timeout=self.timeout_s)
+        return parse_answers(await self._map_errors(call))
+
+    async def _map_errors(self, call: Any) -> Any:
         from tritonclient.utils import InferenceServerException
 
         from recops.serving.router.upstream import UpstreamBadRequest, UpstreamError, UpstreamTimeout
 
         try:
-            result = await self._client.infer(
-                self.model, batch_inputs(self._protocol, rows), client_timeout=self.timeout_s
-            )
+            return await call
         except InferenceServerException as error:
             status = str(error.status() or "")
             if status.endswith("INVALID_ARGUMENT"):
@@ -215,7 +240,6 @@ class TritonRecommender:
             if status.endswith("DEADLINE_EXCEEDED"):
                 raise UpstreamTimeout(f"Triton {self.url} did not answer within {self.timeout_s:g} s") from None
             raise UpstreamError(f"Triton {self.url}: {status or 'error'}: {_client_message(error)}") from None
-        return parse_answers(result)
 
     async def ready(self) -> bool:
         """Whether Triton says the ensemble is ready (False when unreachable)."""

@@ -75,6 +75,13 @@ class TritonUpstream(SpecModel):
     timeout_seconds: float | None = Field(
         None, gt=0, le=60, description="Per-request timeout; default limits.upstreamTimeoutSeconds."
     )
+    batch_rows: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Micro-batching: requests arriving together travel as up to this many rows of one Triton "
+        "request (capped at the model's max_batch_size); 1 sends each request alone.",
+    )
 
 
 class ArmConfig(SpecModel):

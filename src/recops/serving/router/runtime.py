@@ -72,7 +72,7 @@ def upstream_key(arm: ArmConfig, limits: Limits) -> Hashable:
     """What identifies an upstream: arms (and config versions) with equal keys share one upstream."""
     if arm.triton is not None:
         timeout = arm.triton.timeout_seconds or limits.upstream_timeout_seconds
-        return ("triton", arm.triton.url, arm.triton.model, timeout)
+        return ("triton", arm.triton.url, arm.triton.model, arm.triton.batch_rows, timeout)
     assert arm.model is not None
     return ("model", str(arm.model.resolve()), limits.upstream_timeout_seconds)
 
@@ -81,11 +81,11 @@ def build_upstream(key: Hashable) -> Recommender:
     """Construct the upstream for a key (blocking: loading an in-process model takes seconds)."""
     assert isinstance(key, tuple)
     if key[0] == "triton":
-        _, url, model, timeout = key
+        _, url, model, batch_rows, timeout = key
         # Imported here: the Triton client is only needed (and only importable) where an arm uses it.
         from recops.serving.triton_client import TritonRecommender
 
-        return TritonRecommender(url, model, timeout)
+        return TritonRecommender(url, model, timeout, batch_rows=batch_rows)
     _, path, timeout = key
     return InProcessRecommender.load(Path(path), timeout)
 
