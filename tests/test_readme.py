@@ -63,3 +63,39 @@ def test_make_demo_trains_evaluates_and_writes_the_report(tmp_path):
     # The text tower places never-seen items: better than a random order of the cold items.
     assert metrics["twotower"]["cold_recall@20"] > metrics["ease"]["cold_recall@20"]
     assert (out / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_serve_it_commands_answer_recommendations_and_count_feedback(tiny_model, tmp_path):
+    """The README's serving block, run by bash as written, on the tiny model and on free ports."""
+    import shutil
+    import subprocess
+    import sys
+
+    from recops.serving.triton_server import free_port
+
+    block = next(b for b in _blocks("bash") if "recops export" in b)
+    grpc, router = free_port(), free_port()
+    config = (REPO / "examples" / "router-local.yaml").read_text()
+    config = config.replace("127.0.0.1:8001", f"127.0.0.1:{grpc}").replace("runs/demo/", f"{tmp_path}/")
+    (tmp_path / "router.yaml").write_text(config)
+    script = (
+        block.replace(".venv/bin/recops", f"{sys.executable} -m recops")
+        .replace("runs/demo/model", str(tiny_model[2]))
+        .replace("runs/demo/triton", str(tmp_path / "triton"))
+        .replace("--grpc-port 8001", f"--grpc-port {grpc} --http-port 0 --metrics-port 0")
+        .replace("examples/router-local.yaml", str(tmp_path / "router.yaml"))
+        .replace("8080", str(router))
+    )
+    assert shutil.which("curl"), "the README's serving example uses curl"
+    # The background servers are this shell's jobs: stop them (and Triton's stubs) when it exits.
+    wrapped = "set -e\ntrap 'kill -INT $(jobs -p) 2>/dev/null; wait' EXIT\n" + script
+    done = subprocess.run(["timeout", "180", "bash", "-c", wrapped], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    answer = json.loads(lines[0])
+    assert answer["arm"] in {"treatment", "control"} and len(answer["items"]) == 5 and answer["request_id"]
+    assert {"P00017", "P00003"}.isdisjoint(item["item_id"] for item in answer["items"])  # history is not repeated
+    assert json.loads(lines[1])  # the feedback answer
+    clicks = [line for line in lines[2:] if 'event="click"' in line and f'arm="{answer["arm"]}"' in line]
+    assert clicks and clicks[0].endswith(" 1.0")
