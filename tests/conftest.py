@@ -38,6 +38,12 @@ def small_synthetic():
     return generate(SyntheticConfig(n_users=200, n_items=120, days=10, seed=3))
 
 
+@pytest.fixture
+def anyio_backend():
+    """Async tests (``pytest.mark.anyio``) run on asyncio, the loop the router runs on."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny two-tower model trained for one epoch and exported (about 10 s on CPU).

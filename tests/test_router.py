@@ -16,11 +16,6 @@ from recops.serving.router.schemas import RecommendResponse
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model):
     data, _, model_dir = tiny_model

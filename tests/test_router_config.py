@@ -17,11 +17,6 @@ from recops.serving.router.config import ConfigError, parse_config
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
     return tiny_model[2]

@@ -22,11 +22,6 @@ from recops.serving.triton_server import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
     return tiny_model[2]

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from recops.api.common import SpecModel
+from recops.serving.assignment import Salt
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
@@ -102,19 +103,7 @@ class ModelRef(SpecModel):
 class AssignmentSpec(SpecModel):
     """How users are split between the arms (sticky hash of salt and user id)."""
 
-    salt: str = Field(
-        min_length=1,
-        max_length=256,
-        description="Hash salt. A new salt reshuffles every user: give each experiment its own.",
-    )
-
-    @field_validator("salt")
-    @classmethod
-    def _no_nul(cls, salt: str) -> str:
-        # The assignment hash separates salt from user id with a NUL byte (recops.serving.assignment).
-        if "\x00" in salt:
-            raise ValueError("salt must not contain a NUL character")
-        return salt
+    salt: Salt = Field(description="Hash salt. A new salt reshuffles every user: give each experiment its own.")
 
 
 class StepSpec(SpecModel):

@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 BUCKETS = 10_000
 """Number of hash buckets; also the total of the arm weights in basis points."""
@@ -49,6 +49,15 @@ def _check_salt(salt: str) -> bytes:
     if "\x00" in salt:
         raise ValueError("salt must not contain a NUL character ('\\x00'): it separates salt from user_id")
     return salt.encode("utf-8") + b"\x00"
+
+
+def _salt_without_nul(salt: str) -> str:
+    _check_salt(salt)
+    return salt
+
+
+Salt = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_salt_without_nul)]
+"""An assignment salt as a spec or config field: non-empty, no NUL (it separates salt from user id)."""
 
 
 def _bucket_of(prefix: bytes, user_id: str) -> int:

@@ -34,7 +34,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from recops.api.common import SpecModel
-from recops.serving.assignment import BUCKETS, ArmWeights
+from recops.serving.assignment import BUCKETS, ArmWeights, Salt
 from recops.serving.contract import ENSEMBLE
 
 log = logging.getLogger("recops.router")
@@ -139,17 +139,10 @@ class RouterConfig(SpecModel):
     """The whole router config file."""
 
     experiment: Name
-    salt: str = Field(min_length=1, description="Assignment salt; no NUL character.")
+    salt: Salt = Field(description="Assignment salt; no NUL character.")
     arms: tuple[ArmConfig, ...] = Field(min_length=1, description="Arms in order; the last one is control.")
     limits: Limits = Limits()
     feedback: FeedbackLogConfig = FeedbackLogConfig()
-
-    @field_validator("salt")
-    @classmethod
-    def _no_nul(cls, salt: str) -> str:
-        if "\x00" in salt:
-            raise ValueError("salt must not contain a NUL character")
-        return salt
 
     @field_validator("arms")
     @classmethod
