@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -646,26 +646,12 @@ def _evaluate(gate: Gate, reader: _Reader, context: GateContext) -> GateResult:
         errors = sum(by_status.get(s, 0.0) for s in queries.ERROR_STATUSES)
         attempts = sum(by_status.get(s, 0.0) for s in queries.ATTEMPT_STATUSES)
         result = decide_error_rate(errors, attempts, gate)
-        return GateResult(
-            result.gate,
-            result.verdict,
-            result.value,
-            result.interval,
-            result.message,
-            {**result.details, "arm": arm, "byStatus": by_status},
-        )
+        return replace(result, details={**result.details, "arm": arm, "byStatus": by_status})
     if isinstance(gate, PromqlGate):
         arm = context.arm_name(gate.arm)
         promql = queries.render_template(gate.query, experiment, arm, step_window)
         result = decide_promql(reader.query(promql), gate)
-        return GateResult(
-            result.gate,
-            result.verdict,
-            result.value,
-            result.interval,
-            result.message,
-            {**result.details, "query": promql},
-        )
+        return replace(result, details={**result.details, "query": promql})
     raise TypeError(f"unknown gate type {type(gate).__name__}")
 
 
