@@ -16,9 +16,7 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from recops.serving import contract
+from recops.serving.processes import die_with_parent, free_port
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -37,23 +36,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 def prometheus_binary() -> str | None:
     """``$RECOPS_PROMETHEUS_BIN``, else ``prometheus`` on PATH (Debian: /usr/bin/prometheus)."""
     return os.environ.get("RECOPS_PROMETHEUS_BIN") or shutil.which("prometheus")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGKILL it if pytest dies without running its finalizers."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux/glibc: stop() in the fixture's finally still applies
-
-
-def free_port() -> int:
-    """A loopback port free right now (the caller retries if someone takes it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -117,7 +99,7 @@ class PrometheusProcess:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # own process group: stop() signals the group, nothing leaks
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=die_with_parent,
                     cwd=self.workdir,
                 )
             finally:

@@ -100,3 +100,28 @@ def test_recops_serve_triton_runs_until_interrupted(repository):
         if process.poll() is None:
             process.kill()
         subprocess.run(["pkill", "-f", str(repository)], check=False)
+
+
+def test_a_killed_parent_leaves_no_server_behind(repository):
+    """SIGKILL gives the command no chance to clean up: the kernel takes the server down with it."""
+    command = [sys.executable, "-m", "recops", "serve", "triton", "--repo", str(repository),
+               "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 90
+        while "triton ready" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        assert "triton ready" in line
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        left = ["?"]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = subprocess.run(["pgrep", "-f", str(repository)], capture_output=True, text=True).stdout.split()
+        assert left == []  # tritonserver and its python-backend stubs are gone
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["pkill", "-9", "-f", str(repository)], check=False)

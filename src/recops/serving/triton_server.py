@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from recops.serving.processes import die_with_parent, free_port
+
+__all__ = ["TritonError", "TritonPorts", "TritonServer", "find_triton", "free_port"]
 
 
 class TritonError(RuntimeError):
@@ -65,13 +68,6 @@ def find_triton() -> TritonInstallation:
     if not installation.binary.is_file():
         raise TritonError(f"tritonserver not found at {installation.binary}")
     return installation
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -159,6 +155,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(installation, backends), stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self._wait_ready(timeout)
