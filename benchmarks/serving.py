@@ -179,7 +179,7 @@ def closed_loop(target: Target, concurrency: int, duration: float, router: Route
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="50,200,1000", help="Comma-separated wrk connection counts.")
-    parser.add_argument("--rate", type=int, default=1000, help="Open-loop requests per second (vegeta).")
+    parser.add_argument("--rate", type=int, default=1000, help="Open-loop requests per second (vegeta; 0: skip).")
     parser.add_argument("--duration", type=float, default=30, help="Seconds per measurement.")
     parser.add_argument("--model", type=Path, help="Exported model directory (default: train a tiny one).")
     parser.add_argument("--batch-rows", type=int, default=32, help="Router → Triton micro-batching rows (1: off).")
@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         direct_bodies, router_bodies = request_bodies(item_ids)
         direct = Target(f"http://{triton.http_url}/v2/models/recops_ensemble/infer", direct_bodies)
         routed = Target(f"{router.url}/v1/recommend", router_bodies)
-        run_wrk(direct, 50, 3)  # warm-up: python stubs, torch, connection pools
-        run_wrk(routed, 50, 3)
+        warm_up = min(3.0, args.duration)
+        run_wrk(direct, 50, warm_up)  # warm-up: python stubs, torch, connection pools
+        run_wrk(routed, 50, warm_up)
 
         report_levels, router_cpu, router_requests = [], 0.0, 0
         for concurrency in levels:
@@ -237,9 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
             router_cpu += r.pop("router_cpu_s")
             router_requests += r["requests"]
             report_levels.append({"concurrency": concurrency, "direct": d, "router": r})
-        log(f"open loop at {args.rate} req/s")
-        fixed = {"rps": args.rate, "direct": run_vegeta(direct, args.rate, args.duration),
-                 "router": run_vegeta(routed, args.rate, args.duration)}
+        fixed = None
+        if args.rate > 0:
+            log(f"open loop at {args.rate} req/s")
+            fixed = {"rps": args.rate, "direct": run_vegeta(direct, args.rate, args.duration),
+                     "router": run_vegeta(routed, args.rate, args.duration)}
         log(f"sending {args.feedback_events} feedback events")
         accepted = send_feedback(router.url, item_ids, args.feedback_events)
         rss = router.peak_rss
@@ -271,9 +274,10 @@ def print_summary(report: dict) -> None:
         print(f"{level['concurrency']:>6} {d['qps']:>11.0f} {r['qps']:>11.0f} {r['qps'] / d['qps']:>6.2f} "
               f"{d['p99_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['error_rate']:>7.4f}")
     fixed = report["fixed_rate"]
-    d, r = fixed["direct"], fixed["router"]
-    print(f"at {fixed['rps']} req/s: direct p50 {d['p50_ms']:.2f} / p99 {d['p99_ms']:.2f} ms,"
-          f" router p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms")
+    if fixed:
+        d, r = fixed["direct"], fixed["router"]
+        print(f"at {fixed['rps']} req/s: direct p50 {d['p50_ms']:.2f} / p99 {d['p99_ms']:.2f} ms,"
+              f" router p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms")
     print(f"router: {report['router_cpu_us_per_request']:.0f} µs CPU per request, peak RSS "
           f"{report['router_rss_mb']:.0f} MB; feedback sent {report['feedback']['sent']}, "
           f"logged {report['feedback']['logged']}")

@@ -49,3 +49,21 @@ def test_quality_benchmark_refuses_unknown_models(tmp_path):
 def test_quality_benchmark_events_needs_both_files(tmp_path):
     with pytest.raises(SystemExit, match="--events PATH and --items PATH"):
         _load("quality").main(["--dataset", "events", "--events", "x.jsonl", "--out", str(tmp_path / "q.json")])
+
+
+@pytest.mark.slow
+def test_serving_benchmark_writes_direct_and_router_figures(tiny_model, tmp_path):
+    """A tiny closed-loop run with wrk (the open loop needs vegeta, built by Go: left to the real run)."""
+    out = tmp_path / "serving.json"
+    report = _load("serving").main([
+        "--model", str(tiny_model[2]), "--concurrency", "4", "--rate", "0", "--duration", "2",
+        "--feedback-events", "50", "--batch-rows", "8", "--out", str(out),
+    ])
+    assert json.loads(out.read_text()) == report
+    (level,) = report["levels"]
+    for side in ("direct", "router"):
+        assert level[side]["qps"] > 0 and level[side]["p99_ms"] >= level[side]["p50_ms"] > 0
+        assert level[side]["error_rate"] == 0
+    assert report["feedback"] == {**report["feedback"], "sent": 50, "logged": 50}
+    assert report["feedback"]["impressions_logged"] > 0
+    assert report["router_cpu_us_per_request"] > 0 and report["router_rss_mb"] > 0
