@@ -44,6 +44,9 @@ def serve(config_path: Path, host: str = "127.0.0.1", port: int = 8080, workers:
         "log_level": log_level,
         "backlog": 4096,
         "timeout_graceful_shutdown": 30,
+        # Longer than the idle timeouts of the load balancers and client pools in front (AWS ALB 60 s,
+        # httpx 5 s): the server must never close an idle connection a client is about to reuse.
+        "timeout_keep_alive": 75,
     }
     if workers == 1:
         uvicorn.run(create_app(config_path), **options)
