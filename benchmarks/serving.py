@@ -18,21 +18,18 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Target, run_vegeta, run_wrk
+from recops.serving.router.process import RouterProcess
 
 TINY_SPEC = {
     "data": {"source": "synthetic", "synthetic": {"users": 300, "items": 200, "days": 10, "seed": 4}},
@@ -74,54 +71,6 @@ def request_bodies(item_ids: list[str], users: int = 200) -> tuple[list[str], li
         ]}))
         routed.append(json.dumps({"user_id": f"U{user}", "history": history, "k": K}))
     return direct, routed
-
-
-class RouterProcess:
-    """``recops serve router`` in its own process group, with CPU and RSS readings."""
-
-    def __init__(self, config: Path, port: int, log_path: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "recops", "serve", "router", "--config", str(config), "--port", str(port)]
-        self.log = log_path.open("wb")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.info = psutil.Process(self.process.pid)
-        self.peak_rss = 0.0
-        self._sampling = False
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"router exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"router not ready after {timeout} s; see {self.log.name}")
-
-    def cpu_seconds(self) -> float:
-        times = self.info.cpu_times()
-        return times.user + times.system
-
-    def sample_rss(self, stop: threading.Event) -> None:
-        while not stop.wait(0.2):
-            self.peak_rss = max(self.peak_rss, self.info.memory_info().rss / 2**20)
-
-    def stop(self) -> int:
-        """SIGTERM: the router drains in-flight requests and flushes the feedback log."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
 
 
 def send_feedback(url: str, item_ids: list[str], events: int, concurrency: int = 50) -> int:
@@ -191,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--concurrency: give positive integers, e.g. 50,200,1000")
 
     from recops.serving.repository import build_repository
+    from recops.serving.router.process import RouterProcessError
     from recops.serving.triton_server import TritonServer, free_port
 
     started = time.perf_counter()
@@ -219,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
         (work / "router.yaml").write_text(yaml.safe_dump(config))
         router = RouterProcess(work / "router.yaml", free_port(), work / "router.log")
         stack.callback(router.stop)
-        router.wait_ready()
+        try:
+            router.wait_ready()
+        except RouterProcessError as error:
+            raise SystemExit(str(error)) from None
         log(f"router ready on {router.url}")
         direct_bodies, router_bodies = request_bodies(item_ids)
         direct = Target(f"http://{triton.http_url}/v2/models/recops_ensemble/infer", direct_bodies)
@@ -245,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "router": run_vegeta(routed, args.rate, args.duration)}
         log(f"sending {args.feedback_events} feedback events")
         accepted = send_feedback(router.url, item_ids, args.feedback_events)
-        rss = router.peak_rss
+        rss = router.peak_rss_mb
         exit_code = router.stop()
         logged = logged_events(work / "feedback")
         report = {
