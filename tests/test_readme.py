@@ -81,8 +81,8 @@ def test_the_serve_it_commands_answer_recommendations_and_count_feedback(tiny_mo
     (tmp_path / "router.yaml").write_text(config)
     script = (
         block.replace(".venv/bin/recops", f"{sys.executable} -m recops")
-        .replace("runs/demo/model", str(tiny_model[2]))
         .replace("runs/demo/triton", str(tmp_path / "triton"))
+        .replace("--model runs/demo ", f"--model {tiny_model[2]} ")
         .replace("--grpc-port 8001", f"--grpc-port {grpc} --http-port 0 --metrics-port 0")
         .replace("examples/router-local.yaml", str(tmp_path / "router.yaml"))
         .replace("8080", str(router))

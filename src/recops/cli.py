@@ -105,6 +105,40 @@ def export(
     console.print(f"triton repository: {out}")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: models, logs, report.html, summary.json.")],
+    quick: Annotated[bool, typer.Option(help="Small data and halved pauses (about 2 minutes; CI).")] = False,
+    dataset: Annotated[str, typer.Option(help="synthetic (the built-in shop) or ml-100k.")] = "synthetic",
+    data_dir: Annotated[Path | None, typer.Option(help="MovieLens-100K folder (with --dataset ml-100k).")] = None,
+    experiment: Annotated[
+        Path | None, typer.Option(help="RecExperiment YAML to run (default: the demo's own).")
+    ] = None,
+    worse_treatment: Annotated[
+        bool, typer.Option(help="Make the treatment the weaker model: the rollout should roll back.")
+    ] = False,
+    budget: Annotated[float, typer.Option(min=10, help="Seconds the experiment may run before it is held.")] = 420,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """The whole loop on this machine: train two models, serve both with Triton behind the router, run a
+    RecExperiment with simulated users and real gates, promote or roll back, write the report."""
+    from recops.demo.run import DEFAULT_EXPERIMENT, DemoError, DemoOptions, run_demo
+
+    if dataset not in ("synthetic", "ml-100k"):
+        raise _fail(f"--dataset: expected synthetic or ml-100k, got {dataset!r}")
+    options = DemoOptions(
+        out=out, dataset=dataset, data_dir=data_dir, experiment=experiment or DEFAULT_EXPERIMENT, quick=quick,  # type: ignore[arg-type]
+        worse_treatment=worse_treatment, budget_s=budget, seed=seed,
+    )
+    try:
+        run_demo(options, say=lambda line: console.print(line, highlight=False, markup=False))
+    except DemoError as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        console.print("interrupted: every server was stopped")
+        raise typer.Exit(code=130) from None
+
+
 serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 

@@ -15,14 +15,15 @@ Verdicts (Argo Rollouts' four analysis outcomes):
 ``Error``        the metric could not be read (Prometheus down, query refused, inconsistent data).
                  Never Successful: a gate that cannot see does not pass.
 
-How the step machine uses them (the operator's loop; see :func:`overall`): at every look it
-combines the gates. Failed ends the experiment with ``onFailure`` (rollback). Error holds the
-step and counts towards ``analysis.maxConsecutiveErrors`` (then the experiment pauses for a
-human; an outage never rolls back and never promotes). Inconclusive holds the step: it never
-advances and never promotes, and past the step's pause it counts towards
-``analysis.maxInconclusiveLooks`` (then ``onFailure``: no evidence for the treatment keeps the
-control). Successful, once the step's pause has elapsed, advances to the next step; after the
-last step it promotes (``onSuccess``).
+How the step machine (:mod:`recops.experiments.rollout`, which has the full rules) uses them:
+at every look it combines the gates. Failed ends the experiment with ``onFailure`` (rollback).
+Error holds the step and counts towards ``analysis.maxConsecutiveErrors`` (then the experiment
+pauses for a human; an outage never rolls back and never promotes). Inconclusive holds the step
+and never promotes; past the step's pause it counts towards ``analysis.maxInconclusiveLooks``
+(then ``onFailure``: no evidence for the treatment keeps the control). Once the step's pause has
+elapsed, an intermediate step advances when every *guardrail* gate (sample ratio, latency, error
+rate, promql) is Successful — the lift gates may still be Inconclusive there, since more traffic
+is what they need — and the last step promotes (``onSuccess``) when every gate is Successful.
 
 Windows: the lift gates (CTR, like rate, GMV/user) read counts since the experiment started
 (``GateContext.window``), because the mSPRT's guarantee over repeated looks is for data that

@@ -30,6 +30,7 @@ class PrometheusError(RuntimeError):
     """A query that returned no usable answer; ``query`` and ``cause`` say which and why."""
 
     def __init__(self, query: str, cause: str) -> None:
+        query = str(query)  # plain text, also for a queries.PromQL (which YAML's safe dumper would refuse)
         super().__init__(f"Prometheus query {query!r} failed: {cause}")
         self.query = query
         self.cause = cause

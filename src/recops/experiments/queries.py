@@ -1,6 +1,9 @@
 """PromQL the gates send, built from the router's metric names in :mod:`recops.serving.contract`.
 
-Pure string builders of ``(experiment, arm, window)``; nothing here talks to Prometheus.
+Pure builders of ``(experiment, arm, window)``; nothing here talks to Prometheus. Each returns
+:class:`PromQL`: the query's text, carrying the structured description it was rendered from
+(:class:`CounterQuery`, :class:`QuantileQuery`) so that :mod:`recops.experiments.scrape` can
+evaluate the very same query without a Prometheus server and without parsing PromQL.
 
 Counts use ``sum by (arm) (increase(<counter>{experiment="..."}[<window>]))``:
 ``increase`` follows counter resets (a router restart starts its counters at 0 again)
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 
 from recops.serving import contract
 
@@ -60,65 +64,159 @@ def duration(seconds: float) -> str:
 
 def selector(metric: str, experiment: str, arm: str | None = None, **labels: str) -> str:
     """``metric{experiment="...",arm="...",k="v"}`` with every value escaped."""
-    matchers = [f"{EXPERIMENT_LABEL}={label_value(experiment)}"]
+    return _render_selector(metric, _matchers(experiment, arm, **labels))
+
+
+# --------------------------------------------------------------------------- structured queries
+#
+# Each builder below describes its query as data (metric, label matchers, window, aggregation) and
+# renders the PromQL text from that description. Prometheus receives the text; the router scrape
+# client (:mod:`recops.experiments.scrape`) evaluates the description over its own samples. One
+# description, two evaluators: the fallback cannot drift from what Prometheus is asked.
+
+Matchers = tuple[tuple[str, str], ...]
+
+
+def _matchers(experiment: str, arm: str | None = None, **labels: str) -> Matchers:
+    matchers = [(EXPERIMENT_LABEL, experiment)]
     if arm is not None:
-        matchers.append(f"{ARM_LABEL}={label_value(arm)}")
-    matchers.extend(f"{name}={label_value(value)}" for name, value in labels.items())
-    return f"{metric}{{{','.join(matchers)}}}"
+        matchers.append((ARM_LABEL, arm))
+    matchers.extend(labels.items())
+    for _, value in matchers:
+        label_value(value)  # type check, same error as the text form
+    return tuple(matchers)
 
 
-def counts_by_arm(metric: str, experiment: str, window_seconds: float, **labels: str) -> str:
+def _render_selector(metric: str, matchers: Matchers) -> str:
+    return f"{metric}{{{','.join(f'{name}={label_value(value)}' for name, value in matchers)}}}"
+
+
+@dataclass(frozen=True)
+class CounterQuery:
+    """``sum [by (<by>)] (increase(<metric>{<matchers>}[<window>]))``: a counter's increase, summed over series.
+
+    ``matchers`` are label equality matchers (a missing label equals ``""``, as in PromQL); ``by``
+    the labels kept by the sum (empty: one total).
+    """
+
+    metric: str
+    matchers: Matchers
+    window_seconds: float
+    by: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        duration(self.window_seconds)  # refuse bad windows when built, not when sent
+
+    def render(self) -> str:
+        """The PromQL text."""
+        aggregation = f"sum by ({', '.join(self.by)})" if self.by else "sum"
+        counter = _render_selector(self.metric, self.matchers)
+        return f"{aggregation} (increase({counter}[{duration(self.window_seconds)}]))"
+
+
+@dataclass(frozen=True)
+class QuantileQuery:
+    """``histogram_quantile(q, sum by (le) (rate(<histogram>_bucket{<matchers>}[<window>])))``.
+
+    ``histogram`` is the histogram's base name (without ``_bucket``).
+    """
+
+    quantile: float
+    histogram: str
+    matchers: Matchers
+    window_seconds: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
+        duration(self.window_seconds)
+
+    def render(self) -> str:
+        """The PromQL text."""
+        buckets = _render_selector(f"{self.histogram}_bucket", self.matchers)
+        return f"histogram_quantile({self.quantile:g}, sum by (le) (rate({buckets}[{duration(self.window_seconds)}])))"
+
+
+StructuredQuery = CounterQuery | QuantileQuery
+
+
+class PromQL(str):
+    """PromQL text that remembers the :data:`StructuredQuery` it was rendered from (``.structured``).
+
+    A ``str`` subclass, so every client that takes PromQL text (``QueryClient.query``, a dict of
+    canned answers in tests) takes it unchanged; a client that cannot run PromQL reads
+    ``.structured`` instead. Any string operation on it gives a plain ``str``: an edited query is
+    no longer the one described.
+    """
+
+    structured: StructuredQuery
+
+    def __new__(cls, structured: StructuredQuery) -> PromQL:
+        text = super().__new__(cls, structured.render())
+        text.structured = structured
+        return text
+
+    def __reduce__(self) -> tuple[type[PromQL], tuple[StructuredQuery]]:
+        return PromQL, (self.structured,)
+
+
+def structured(promql: str) -> StructuredQuery | None:
+    """The description behind ``promql`` when one of this module's builders made it, else ``None``."""
+    return getattr(promql, "structured", None)
+
+
+# --------------------------------------------------------------------------- the gates' queries
+
+
+def counts_by_arm(metric: str, experiment: str, window_seconds: float, **labels: str) -> PromQL:
     """Increase of a counter over the window, one sample per arm."""
-    return f"sum by ({ARM_LABEL}) (increase({selector(metric, experiment, **labels)}[{duration(window_seconds)}]))"
+    return PromQL(CounterQuery(metric, _matchers(experiment, **labels), window_seconds, (ARM_LABEL,)))
 
 
-def impressions_by_arm(experiment: str, window_seconds: float) -> str:
+def impressions_by_arm(experiment: str, window_seconds: float) -> PromQL:
     """Items shown, per arm."""
     return counts_by_arm(contract.IMPRESSIONS, experiment, window_seconds)
 
 
-def feedback_by_arm(experiment: str, event: str, window_seconds: float) -> str:
+def feedback_by_arm(experiment: str, event: str, window_seconds: float) -> PromQL:
     """Feedback events of one kind (click, like, cart, purchase), per arm."""
     if event not in contract.FEEDBACK_EVENTS:
         raise ValueError(f"event must be one of {contract.FEEDBACK_EVENTS}, got {event!r}")
     return counts_by_arm(contract.FEEDBACK, experiment, window_seconds, event=event)
 
 
-def users_by_arm(experiment: str, window_seconds: float) -> str:
+def users_by_arm(experiment: str, window_seconds: float) -> PromQL:
     """Distinct users assigned, per arm (the randomisation unit: what SRM and GMV/user count)."""
     return counts_by_arm(contract.USERS, experiment, window_seconds)
 
 
-def purchase_value_by_arm(experiment: str, window_seconds: float) -> str:
+def purchase_value_by_arm(experiment: str, window_seconds: float) -> PromQL:
     """Σ purchase value (GMV), per arm."""
     return counts_by_arm(contract.PURCHASE_VALUE, experiment, window_seconds)
 
 
-def purchase_value_squared_by_arm(experiment: str, window_seconds: float) -> str:
+def purchase_value_squared_by_arm(experiment: str, window_seconds: float) -> PromQL:
     """Σ purchase value², per arm."""
     return counts_by_arm(contract.PURCHASE_VALUE_SQUARED, experiment, window_seconds)
 
 
-def requests_by_status(experiment: str, arm: str, window_seconds: float) -> str:
+def requests_by_status(experiment: str, arm: str, window_seconds: float) -> PromQL:
     """Requests of one arm per status; one query so that "no errors" is an absent status, not a missing answer."""
-    return f"sum by (status) (increase({selector(contract.REQUESTS, experiment, arm)}[{duration(window_seconds)}]))"
+    return PromQL(CounterQuery(contract.REQUESTS, _matchers(experiment, arm), window_seconds, ("status",)))
 
 
-def latency_quantile(experiment: str, arm: str, window_seconds: float, quantile: float = 0.99) -> str:
+def latency_quantile(experiment: str, arm: str, window_seconds: float, quantile: float = 0.99) -> PromQL:
     """Quantile of the arm's request duration (seconds) over the window, from the histogram buckets.
 
     ``sum by (le)`` merges the replicas' histograms before interpolating; an arm
     without requests in the window gives NaN.
     """
-    if not 0 < quantile < 1:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-    buckets = selector(f"{contract.LATENCY}_bucket", experiment, arm)
-    return f"histogram_quantile({quantile:g}, sum by (le) (rate({buckets}[{duration(window_seconds)}])))"
+    return PromQL(QuantileQuery(quantile, contract.LATENCY, _matchers(experiment, arm), window_seconds))
 
 
-def latency_count(experiment: str, arm: str, window_seconds: float) -> str:
+def latency_count(experiment: str, arm: str, window_seconds: float) -> PromQL:
     """Requests the latency histogram saw for the arm in the window."""
-    return f"sum(increase({selector(f'{contract.LATENCY}_count', experiment, arm)}[{duration(window_seconds)}]))"
+    return PromQL(CounterQuery(f"{contract.LATENCY}_count", _matchers(experiment, arm), window_seconds))
 
 
 def render_template(template: str, experiment: str, arm: str, window_seconds: float) -> str:

@@ -1,0 +1,1 @@
+"""Building blocks of ``recops demo``: simulated users against the router, and the demo report."""
