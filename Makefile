@@ -26,9 +26,11 @@ system-deps:
 	  else echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
 
-## Train the two-tower model on the synthetic shop log, evaluate it beside the baselines, write the report.
+## The whole loop on this machine: train a control and the LLM two-tower on the synthetic shop log, serve both
+## with Triton behind the A/B router, ramp the treatment with simulated shoppers and real gates, promote or
+## roll back, write runs/demo/report.html and summary.json.
 demo: install
-	$(BIN)/recops train -f examples/recmodel-synthetic.yaml --out $(OUT)
+	$(BIN)/recops demo --out $(OUT)
 
 ## Lint, then every test (unit, then the training end-to-end tests).
 test: install system-deps

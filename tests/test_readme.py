@@ -26,7 +26,7 @@ def test_quick_start_commands_are_the_makefile_targets_ci_runs():
     quick_start = _blocks("bash")[0]
     assert "make demo" in quick_start and "make test" in quick_start
     makefile = (REPO / "Makefile").read_text()
-    assert "recops train -f examples/recmodel-synthetic.yaml" in makefile
+    assert "recops demo --out $(OUT)" in makefile
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
@@ -53,8 +53,8 @@ def test_the_spec_and_event_line_in_the_readme_work_with_recops_prepare(tmp_path
 
 
 @pytest.mark.slow
-def test_make_demo_trains_evaluates_and_writes_the_report(tmp_path):
-    """What `make demo` runs, on the exact example file (MiniLM, synthetic shop log)."""
+def test_the_synthetic_example_trains_evaluates_and_writes_the_report(tmp_path):
+    """`recops train` on the README's example file (MiniLM, synthetic shop log)."""
     out = tmp_path / "demo"
     result = runner.invoke(app, ["train", "-f", str(REPO / "examples" / "recmodel-synthetic.yaml"), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -82,7 +82,7 @@ def test_the_serve_it_commands_answer_recommendations_and_count_feedback(tiny_mo
     script = (
         block.replace(".venv/bin/recops", f"{sys.executable} -m recops")
         .replace("runs/demo/triton", str(tmp_path / "triton"))
-        .replace("--model runs/demo ", f"--model {tiny_model[2]} ")
+        .replace("--model runs/demo/models/treatment ", f"--model {tiny_model[2]} ")
         .replace("--grpc-port 8001", f"--grpc-port {grpc} --http-port 0 --metrics-port 0")
         .replace("examples/router-local.yaml", str(tmp_path / "router.yaml"))
         .replace("8080", str(router))

@@ -378,3 +378,10 @@ def test_a_malformed_status_is_refused_by_field(change, match):
         RolloutState.from_status(status)
     with pytest.raises(ValueError, match="lacks 'phase'"):
         RolloutState.from_status({"step": 0})
+
+
+def test_a_step_starts_when_its_weights_are_live_not_when_they_were_chosen():
+    state = rollout.start(SPEC, 100.0)
+    later = rollout.weights_applied(state, 107.5)
+    assert later.step_started_at == 107.5 and later.started_at == state.started_at
+    assert rollout.weights_applied(later, 101.0).step_started_at == 107.5  # never moves back

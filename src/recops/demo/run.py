@@ -33,6 +33,7 @@ from recops.api.loading import SpecError, load_recexperiment_spec
 from recops.api.recexperiment import RecExperimentSpec
 
 TREATMENT, CONTROL = "treatment", "control"
+SETTLE_S = 2.0  # two Prometheus scrape intervals (1 s each) after the router confirms new weights
 DEFAULT_EXPERIMENT = Path(__file__).with_name("recexperiment-demo.yaml")
 
 
@@ -293,10 +294,11 @@ async def run_experiment(
     steps: list[dict[str, Any]] = [{"index": 0, "weight_pct": spec.steps[0].weight, "started_s": 0.0}]
     stop = asyncio.Event()
     deadline = origin + options.budget_s
+    latest: dict[str, Any] = {}  # the simulation's newest snapshot, for the live line per arm
     async with http_client(router.url, options.concurrency) as client:
         traffic = asyncio.create_task(simulate(
             client, users, behaviour, rng=np.random.default_rng(options.seed), concurrency=options.concurrency,
-            stop=stop, on_tick=None, origin=origin,
+            stop=stop, on_tick=lambda snapshot: latest.update(result=snapshot), origin=origin,
         ))
         try:
             while not state.terminal and time.monotonic() < deadline:
@@ -316,11 +318,16 @@ async def run_experiment(
                 looks.append(Look(seconds_since(origin), state.step, weight / 100, str(state.phase),
                                   [_result_json(r) for r in results]))
                 say(_look_line(looks[-1]))
+                if "result" in latest:
+                    say(_arms_line(latest["result"]))
                 if weight != before:
                     steps[-1]["ended_s"] = seconds_since(origin)
                     steps.append({"index": state.step, "weight_pct": weight / 100, "started_s": seconds_since(origin),
                                   "decision": str(state.phase)})
-                    write_weights(running["config_path"], weight)
+                    await asyncio.to_thread(write_weights, running["config_path"], router.url, weight)
+                    # The step starts once every counter scraped in its window was counted under the new
+                    # weights: the reload is confirmed, plus two scrape intervals of margin.
+                    state = rollout.weights_applied(state, time.time() + SETTLE_S)
         finally:
             stop.set()
             simulation = await traffic
@@ -339,16 +346,34 @@ def traffic_done(task: asyncio.Task) -> asyncio.Event:
     return event
 
 
-def write_weights(config_path: Path, treatment_bp: int) -> None:
-    """Move users between the arms: rewrite the router config, which the router reloads within a second."""
+def write_weights(config_path: Path, router_url: str, treatment_bp: int, timeout_s: float = 30.0) -> None:
+    """Move users between the arms: rewrite the router config and wait until the router serves it."""
+    from recops.experiments.prometheus_server import poll
+    from recops.serving.router.config import digest_of
+
     config = yaml.safe_load(config_path.read_text())
     config["arms"][0]["weightBp"] = treatment_bp
     config["arms"][1]["weightBp"] = 10_000 - treatment_bp
-    write_atomically(config_path, yaml.safe_dump(config, sort_keys=False))
+    text = yaml.safe_dump(config, sort_keys=False)
+    write_atomically(config_path, text)
+    live = f'recops_router_config_info{{experiment="recops-demo",hash="{digest_of(text.encode())}"}} 1.0'
+    poll(lambda: live in httpx.get(f"{router_url}/metrics", timeout=5).text, timeout_s,
+         "the router to load the new weights")
 
 
 def _result_json(result: Any) -> dict[str, Any]:
     return {"gate": result.gate, "verdict": str(result.verdict), "value": result.value, "message": result.message}
+
+
+def _arms_line(result: Any) -> str:
+    parts = []
+    for arm in (TREATMENT, CONTROL):
+        stats = result.arms.get(arm)
+        if stats is not None:
+            low, high = stats.ctr_interval
+            parts.append(f"{arm}: {stats.requests} views, CTR {100 * stats.ctr:.2f}% "
+                         f"[{100 * low:.2f}, {100 * high:.2f}], GMV/user {stats.gmv_per_user:.2f}")
+    return "           " + " | ".join(parts)
 
 
 def _look_line(look: Look) -> str:

@@ -487,6 +487,17 @@ def observe(spec: RecExperimentSpec, state: RolloutState, results: Sequence[Gate
     )
 
 
+def weights_applied(state: RolloutState, now: float) -> RolloutState:
+    """The router serves the current step's weights from ``now`` on.
+
+    A weight change reaches the router some time after the look that decided it (a ConfigMap takes
+    up to a minute to propagate; the local router polls every second). Users assigned in between
+    still follow the old split, so the step — its pause and the guardrails' window, the sample-ratio
+    check above all — starts when the new weights are confirmed live, not when they were chosen.
+    """
+    return replace(state, step_started_at=max(state.step_started_at, float(now)))
+
+
 def resume(state: RolloutState, now: float) -> RolloutState:
     """A Paused experiment back to Progressing (a human has looked); any other state is returned unchanged.
 
