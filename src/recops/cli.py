@@ -127,7 +127,7 @@ def demo(
     if dataset not in ("synthetic", "ml-100k"):
         raise _fail(f"--dataset: expected synthetic or ml-100k, got {dataset!r}")
     options = DemoOptions(
-        out=out, dataset=dataset, data_dir=data_dir, experiment=experiment or DEFAULT_EXPERIMENT, quick=quick,  # type: ignore[arg-type]
+        out=out.resolve(), dataset=dataset, data_dir=data_dir, experiment=experiment or DEFAULT_EXPERIMENT, quick=quick,  # type: ignore[arg-type]
         worse_treatment=worse_treatment, budget_s=budget, seed=seed,
     )
     try:

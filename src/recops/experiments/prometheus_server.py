@@ -49,7 +49,7 @@ class PrometheusProcess:
 
     def __init__(self, binary: str, workdir: Path, targets: Sequence[str], scrape_interval: str = "1s") -> None:
         self.binary = binary
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the server runs in it: relative paths would resolve twice
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
         self.process: subprocess.Popen[bytes] | None = None
