@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,12 +76,19 @@ def test_killing_the_demo_leaves_no_process_behind(tmp_path):
         [sys.executable, "-m", "recops", "demo", "--out", str(out), "--quick"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+    # Drain the output in a thread: a full pipe would block the demo's own shutdown messages.
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if "router ready" in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
     try:
-        deadline = time.monotonic() + 300
-        line = ""
-        while "router ready" not in line and time.monotonic() < deadline and process.poll() is None:
-            line = process.stdout.readline()
-        assert "router ready" in line, "the demo never reached the experiment"
+        assert ready.wait(timeout=300), "the demo never reached the experiment:\n" + "".join(lines[-20:])
         os.kill(process.pid, signal.SIGINT)  # Ctrl-C
         process.wait(timeout=90)
         deadline = time.monotonic() + 30

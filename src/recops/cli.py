@@ -130,6 +130,7 @@ def demo(
         out=out.resolve(), dataset=dataset, data_dir=data_dir, experiment=experiment or DEFAULT_EXPERIMENT, quick=quick,  # type: ignore[arg-type]
         worse_treatment=worse_treatment, budget_s=budget, seed=seed,
     )
+    _interrupt_on_stop_signals()
     try:
         run_demo(options, say=lambda line: console.print(line, highlight=False, markup=False))
     except DemoError as error:
@@ -137,6 +138,21 @@ def demo(
     except KeyboardInterrupt:
         console.print("interrupted: every server was stopped")
         raise typer.Exit(code=130) from None
+
+
+def _interrupt_on_stop_signals() -> None:
+    """Ctrl-C and SIGTERM both stop the demo through its cleanup (KeyboardInterrupt).
+
+    Set explicitly: a process started in the background by a non-interactive shell inherits SIGINT
+    ignored, and would otherwise run on after ``kill -INT``. SIGINT keeps Python's own handler so that
+    ``asyncio.run`` cancels its main task cleanly."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)
