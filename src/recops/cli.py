@@ -155,6 +155,20 @@ def _interrupt_on_stop_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+@app.command()
+def crds(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for recmodels.yaml and recexperiments.yaml.")],
+) -> None:
+    """Write the CustomResourceDefinitions, generated from the typed specs (``kubectl apply -f DIR``)."""
+    from recops.api.crds import write_crds
+
+    try:
+        for path in write_crds(out):
+            console.print(f"wrote {path}")
+    except OSError as error:
+        raise _fail(f"--out {out}: {error.strerror or error}") from None
+
+
 serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 

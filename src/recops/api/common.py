@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -24,3 +26,14 @@ class SpecModel(BaseModel):
     def to_manifest_dict(self) -> dict:
         """The camelCase dict a user would write in YAML (defaults included)."""
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def cel_rules(*rules: tuple[str, str, str | None]) -> dict[str, Any]:
+    """``json_schema_extra`` carrying CEL rules (rule, message, fieldPath) into the generated CRD.
+
+    They restate, for the apiserver, the cross-field checks the pydantic validators beside them make,
+    so ``kubectl apply`` refuses what the operator would refuse.
+    """
+    return {"x-kubernetes-validations": [
+        {"rule": rule, "message": message, **({"fieldPath": path} if path else {})} for rule, message, path in rules
+    ]}

@@ -20,9 +20,9 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from recops.api.common import SpecModel
+from recops.api.common import SpecModel, cel_rules
 from recops.serving.assignment import Salt
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -53,7 +53,10 @@ def _check_duration(text: str) -> str:
 # A string in the manifest (so it round-trips unchanged); the pattern goes into the CRD schema.
 Duration = Annotated[
     str,
-    Field(max_length=32, json_schema_extra={"pattern": DURATION_PATTERN}),
+    Field(min_length=2, max_length=32, json_schema_extra={
+        "pattern": DURATION_PATTERN,
+        **cel_rules(("duration(self) > duration('0s')", "must be a positive duration such as 30s, 5m or 1h30m", None)),
+    }),
     AfterValidator(_check_duration),
 ]
 
@@ -297,11 +300,28 @@ class AnalysisSpec(SpecModel):
 class RecExperimentSpec(SpecModel):
     """``spec`` of a RecExperiment."""
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("self.control.model != self.treatment.model", "treatment.model must differ from control.model",
+         ".treatment.model"),
+        ("!has(self.analysis) || !has(self.analysis.interval) || "
+         "self.steps.all(s, duration(s.pause) >= duration(self.analysis.interval))",
+         "every steps[].pause must be at least analysis.interval (a step would end before its first look)",
+         ".steps"),
+    ))
+
     control: ModelRef
     treatment: ModelRef
     assignment: AssignmentSpec
-    steps: list[StepSpec] = Field(min_length=1, max_length=20)
-    gates: list[Gate] = Field(min_length=1, max_length=32)
+    steps: list[StepSpec] = Field(min_length=1, max_length=20, json_schema_extra=cel_rules(
+        ("self.map(s, s.weight).isSorted()", "weights must not decrease from one step to the next", None),
+        # Weights do not decrease, so only the second-to-last step needs checking.
+        ("size(self) < 2 || self[size(self) - 2].weight < 100.0",
+         "only the last step may send all users (weight 100) to the treatment", None),
+    ))
+    gates: list[Gate] = Field(min_length=1, max_length=32, json_schema_extra=cel_rules(
+        ("self.all(g, self.filter(h, (has(h.name) ? h.name : h.type) == (has(g.name) ? g.name : g.type)).size() == 1)",
+         "gate names must be unique (set 'name' on repeated types)", None),
+    ))
     prometheus: PrometheusSpec
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     on_success: Literal["promote"] = Field("promote", description="Treatment becomes the serving model.")

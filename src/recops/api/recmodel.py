@@ -6,17 +6,39 @@ RecModel custom resource, so a spec that trains on a laptop trains in the cluste
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from recops.api.common import SpecModel
+from recops.api.common import SpecModel, cel_rules
 
-Quantity = Annotated[str | int, Field(description="A Kubernetes quantity such as 2, 500m or 16Gi")]
+# apimachinery's resource.Quantity grammar (quantity.go), as a regular expression.
+_DECIMAL = r"([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+QUANTITY_PATTERN = rf"^[+-]?{_DECIMAL}(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?{_DECIMAL})?$"
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+
+
+def _check_quantity(value: str | int) -> str | int:
+    if isinstance(value, str) and not _QUANTITY.match(value):
+        raise ValueError(f"must be a Kubernetes quantity such as 2, 500m or 16Gi, got {value!r}")
+    return value
+
+
+Quantity = Annotated[
+    int | Annotated[str, Field(max_length=64, json_schema_extra={"pattern": QUANTITY_PATTERN})],
+    Field(description="A Kubernetes quantity such as 2, 500m or 16Gi"),
+    AfterValidator(_check_quantity),
+]
 
 
 class CleaningSpec(SpecModel):
     """How raw events are cleaned; every dropped row is counted under one reason."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("!has(self.windowStart) || !has(self.windowEnd) || self.windowEnd > self.windowStart",
+         "windowEnd must be after windowStart", ".windowEnd"),
+    ))
 
     bot_max_events_per_minute: int = Field(
         300,
@@ -48,6 +70,13 @@ class SyntheticDataSpec(SpecModel):
 
 class DataSpec(SpecModel):
     """Where the events and the catalog come from, and how they are split."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("!has(self.source) || self.source != 'events' || (has(self.events) && has(self.items))",
+         "source 'events' needs both 'events' and 'items' URIs", ".source"),
+        ("!has(self.source) || self.source != 'movielens' || has(self.movielensDir)",
+         "source 'movielens' needs 'movielensDir'", ".movielensDir"),
+    ))
 
     source: Literal["events", "synthetic", "movielens"] = Field(
         "events", description="events: the files below; synthetic: the built-in generator; movielens: ML-100K files."
