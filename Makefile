@@ -10,7 +10,7 @@ OUT ?= runs/demo
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,serve,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,serve,operator,dev]'
 	touch $@
 
 install: $(BIN)/recops

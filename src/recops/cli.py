@@ -89,17 +89,22 @@ def prepare(file: SpecFile) -> None:
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model directory (train --out DIR/model).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model directory (train --out DIR).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Triton model repository to write.")],
     gpu: Annotated[
         bool | None, typer.Option("--gpu/--cpu", help="Ranker on KIND_GPU or KIND_CPU (default: the spec's GPUs).")
+    ] = None,
+    spec_file: Annotated[
+        Path | None,
+        typer.Option("--spec", help="RecModel whose serving settings to use (default: those it was trained with)."),
     ] = None,
 ) -> None:
     """Write the Triton model repository (ensemble of preprocess, ranker, postprocess) of a model."""
     from recops.serving.repository import RepositoryError, build_repository
 
+    serving = _read_spec(spec_file).serving if spec_file is not None else None
     try:
-        build_repository(model, out, gpu=gpu)
+        build_repository(model, out, gpu=gpu, serving=serving)
     except RepositoryError as error:
         raise _fail(str(error)) from None
     console.print(f"triton repository: {out}")
@@ -167,6 +172,41 @@ def crds(
             console.print(f"wrote {path}")
     except OSError as error:
         raise _fail(f"--out {out}: {error.strerror or error}") from None
+
+
+@app.command("operator")
+def run_operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Namespace to watch (repeatable; default: all).")
+    ] = None,
+    liveness_port: Annotated[int, typer.Option(min=0, max=65535, help="kopf's /healthz port (0: off).")] = 8080,
+    standalone: Annotated[
+        bool, typer.Option(help="No peering: for one replica without the KopfPeering CRDs (development, tests).")
+    ] = False,
+    priority: Annotated[
+        int | None,
+        typer.Option(help="Peering priority: the highest live replica works, others wait (default: random)."),
+    ] = None,
+) -> None:
+    """Run the operator (kopf): RecModel → training Job → Triton; RecExperiment → router, steps and gates."""
+    import random
+
+    import kopf
+
+    try:
+        import recops.operator.handlers  # noqa: F401  (registers the handlers)
+    except ValueError as error:  # a RECOPS_* setting that does not parse
+        raise _fail(str(error)) from None
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=not namespace,
+        namespaces=namespace or (),
+        standalone=standalone,
+        # Distinct priorities make peering a leader election: equal ones would all pause.
+        priority=priority if priority is not None else random.randint(1, 1_000_000),
+        peering_name="recops",
+        liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
+    )
 
 
 serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)

@@ -44,6 +44,7 @@ class RecModelStatus(StatusModel):
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
     revision: str | None = Field(None, description="Hash of the training-relevant spec: a new one trains again.")
     training_job: str | None = Field(None, description="Name of the revision's training Job.")
+    serving_revision: str | None = Field(None, description="The revision the Triton Deployment serves.")
     artifact_uri: str | None = Field(None, description="Where the revision's exported model is stored.")
     endpoint: str | None = Field(None, description="gRPC address of the Triton Service (host:port).")
     recall: float | None = Field(None, description="Recall@20 on the test split of the serving revision.")

@@ -31,8 +31,8 @@ import yaml
 
 from recops.api.loading import SpecError, load_recexperiment_spec
 from recops.api.recexperiment import RecExperimentSpec
+from recops.experiments.routing import CONTROL, TREATMENT, router_config
 
-TREATMENT, CONTROL = "treatment", "control"
 SETTLE_S = 2.0  # two Prometheus scrape intervals (1 s each) after the router confirms new weights
 DEFAULT_EXPERIMENT = Path(__file__).with_name("recexperiment-demo.yaml")
 
@@ -247,20 +247,8 @@ def train_models(options: DemoOptions, say: Callable[[str], None]) -> tuple[dict
 
 def router_config_for(spec: RecExperimentSpec, weights_bp: int, feedback: Path) -> Callable[[dict[str, str]], dict]:
     """The router config (as a dict) for these Triton endpoints at a treatment weight."""
-
-    def build(endpoints: dict[str, str]) -> dict:
-        return {
-            "experiment": "recops-demo",
-            "salt": spec.assignment.salt,
-            "arms": [
-                {"name": TREATMENT, "weightBp": weights_bp, "triton": {"url": endpoints[TREATMENT]}},
-                {"name": CONTROL, "weightBp": 10_000 - weights_bp, "triton": {"url": endpoints[CONTROL]}},
-            ],
-            "limits": {"maxInFlight": 100_000, "upstreamTimeoutSeconds": 10},
-            "feedback": {"path": str(feedback)},
-        }
-
-    return build
+    limits = {"maxInFlight": 100_000, "upstreamTimeoutSeconds": 10}
+    return lambda endpoints: router_config("recops-demo", spec, weights_bp, endpoints, str(feedback), limits)
 
 
 async def run_experiment(

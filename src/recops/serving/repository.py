@@ -169,11 +169,14 @@ def model_configs(serving: ServingSpec, history_length: int, gpu: bool = False) 
     }
 
 
-def build_repository(model_dir: Path, out: Path, gpu: bool | None = None) -> Path:
+def build_repository(
+    model_dir: Path, out: Path, gpu: bool | None = None, serving: ServingSpec | None = None
+) -> Path:
     """Write the Triton model repository of an exported model directory; returns ``out``.
 
-    ``gpu`` places the ranker on ``KIND_GPU``; by default it follows the model's
-    ``spec.serving.resources.gpu``. The feature schema is checked here as well as at
+    ``serving`` overrides the serving settings the model was trained with (the operator passes the
+    RecModel's current ones: a serving-only change needs no retraining). ``gpu`` places the ranker
+    on ``KIND_GPU``; by default it follows ``serving.resources.gpu``. The feature schema is checked here as well as at
     serving start-up, so a stale model fails at export, not on the first request.
     """
     from recops.training.export import load_serving_metadata
@@ -188,14 +191,14 @@ def build_repository(model_dir: Path, out: Path, gpu: bool | None = None) -> Pat
         raise RepositoryError(str(error)) from None
     from recops.api.loading import load_recmodel_spec
 
-    spec = load_recmodel_spec(model_dir / "spec.yaml")
-    use_gpu = spec.serving.resources.gpu > 0 if gpu is None else gpu
+    serving = serving or load_recmodel_spec(model_dir / "spec.yaml").serving
+    use_gpu = serving.resources.gpu > 0 if gpu is None else gpu
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / c.ENSEMBLE / "config.pbtxt").is_file():
             raise RepositoryError(f"{out} exists and is not a recops repository; refusing to overwrite it")
         shutil.rmtree(out)
-    for name, config in model_configs(spec.serving, schema.history_length, use_gpu).items():
+    for name, config in model_configs(serving, schema.history_length, use_gpu).items():
         folder = out / name
         (folder / "1").mkdir(parents=True, exist_ok=True)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -1,0 +1,132 @@
+"""A RecExperiment's children: the router ConfigMap (weights, endpoints), Deployment, Service and
+ServiceMonitor. The router reloads its mounted config when the ConfigMap changes, so a weight
+change moves users without restarting a pod."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import yaml
+
+from recops.api.recexperiment import RecExperimentSpec
+from recops.experiments.routing import router_config
+from recops.operator.manifests.common import Manifest, Owner, container_security, metadata, pod_security
+from recops.operator.naming import EXPERIMENT_LABEL, child_name, labels, selector
+from recops.operator.settings import OperatorSettings
+
+CONFIG_FILE = "router.yaml"
+CONFIG_MOUNT = "/etc/recops"
+FEEDBACK_MOUNT = "/var/lib/recops/feedback"
+ROUTER_PORT = 8080
+ROUTER = "router"
+
+
+def router_name(experiment: str) -> str:
+    """Name of the router ConfigMap, Deployment, Service and ServiceMonitor."""
+    return child_name(experiment, "router")
+
+
+def router_address(owner: Owner) -> str:
+    """The router Service's cluster address (``host:port``): what clients call."""
+    return f"{router_name(owner.name)}.{owner.namespace}.svc:{ROUTER_PORT}"
+
+
+def _labels(owner: Owner) -> dict[str, str]:
+    return labels(owner.name, ROUTER, **{EXPERIMENT_LABEL: owner.name})
+
+
+def config_document(owner: Owner, spec: RecExperimentSpec, treatment_bp: int, endpoints: Mapping[str, str]) -> str:
+    """The router's YAML config at this weight (the ConfigMap's only key)."""
+    config = router_config(owner.name, spec, treatment_bp, endpoints, f"{FEEDBACK_MOUNT}/feedback.jsonl")
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def router_configmap(
+    owner: Owner, spec: RecExperimentSpec, treatment_bp: int, endpoints: Mapping[str, str]
+) -> Manifest:
+    """The ConfigMap the router pods mount; rewritten at every weight change."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, router_name(owner.name), _labels(owner)),
+        "data": {CONFIG_FILE: config_document(owner, spec, treatment_bp, endpoints)},
+    }
+
+
+def router_deployment(owner: Owner, settings: OperatorSettings) -> Manifest:
+    """The router pods (``recops serve router``), scraped by Prometheus on ``/metrics``."""
+    name = router_name(owner.name)
+    probe = {"port": "http"}
+    container: Manifest = {
+        "name": ROUTER,
+        "image": settings.router_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["recops"],
+        "args": ["serve", "router", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}", "--host", "0.0.0.0",
+                 "--port", str(ROUTER_PORT)],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", **probe}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": settings.router_cpu, "memory": settings.router_memory},
+                      "limits": {"memory": settings.router_memory}},
+        "securityContext": container_security(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "feedback", "mountPath": FEEDBACK_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, name, _labels(owner)),
+        "spec": {
+            "replicas": settings.router_replicas,
+            "selector": {"matchLabels": selector(owner.name, ROUTER)},
+            "template": {
+                "metadata": {
+                    "labels": _labels(owner),
+                    # For Prometheus set-ups without the prometheus-operator (kubernetes_sd + relabelling).
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": {
+                    "securityContext": pod_security(),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": name}},
+                        # The feedback log; the continuous-learning work moves it to a shared volume.
+                        {"name": "feedback", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def router_service(owner: Owner) -> Manifest:
+    """The Service clients call for recommendations and feedback."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, router_name(owner.name), _labels(owner)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(owner.name, ROUTER),
+            "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def router_servicemonitor(owner: Owner) -> Manifest:
+    """A prometheus-operator ServiceMonitor for the router's metrics (the gates read them)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata(owner, router_name(owner.name), _labels(owner)),
+        "spec": {
+            "selector": {"matchLabels": selector(owner.name, ROUTER)},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+        },
+    }

@@ -1,0 +1,213 @@
+"""The RecModel reconciler (pure): which objects exist at each stage, what the status says, and that
+planning twice is harmless. The same lifecycle runs against a real apiserver in e2e_tests/."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from recops.operator import recmodel
+from recops.operator.manifests import recmodel as manifests
+from recops.operator.manifests.common import Owner
+from recops.operator.naming import child_name, training_revision
+from recops.operator.settings import OperatorSettings
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+OWNER = Owner("RecModel", "ranker", "shop", "uid-1")
+SETTINGS = OperatorSettings(trainer_image="registry.example/trainer:1", triton_image="registry.example/triton:1")
+SPEC = {
+    "data": {"source": "synthetic"},
+    "backbone": {"name": "builtin:tiny-qwen2"},
+    "training": {"epochs": 2, "resources": {"cpu": "4", "memory": "16Gi", "gpu": 1}},
+    "serving": {"replicas": 2, "maxBatchSize": 32},
+}
+
+
+def observe(spec=SPEC, status=None, **children) -> recmodel.ModelObservation:
+    now = children.pop("now", NOW)
+    return recmodel.ModelObservation(owner=OWNER, generation=3, spec=spec, status=status or {}, now=now, **children)
+
+
+def revision(spec=SPEC) -> str:
+    return recmodel.revision_of(spec)
+
+
+def job(state: str | None, completed: datetime = NOW) -> dict:
+    conditions = [] if state is None else [{"type": state, "status": "True", "reason": "Done", "message": "m"}]
+    body = {"metadata": {"name": manifests.training_job_name("ranker", revision())},
+            "status": {"conditions": conditions, "succeeded": 1 if state == "Complete" else 0}}
+    if state == "Complete":
+        body["status"]["completionTime"] = completed.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return body
+
+
+def pod(message: str | None) -> dict:
+    terminated = {"exitCode": 0, **({"message": message} if message else {})}
+    return {"status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+
+
+METRICS = json.dumps({"metrics": {"recall@20": 0.31, "ndcg@10": 0.12, "click_auc": 0.7, "note": "x"}})
+
+
+def deployment(spec=SPEC, available: int = 2, generation: int = 1, observed: int = 1, deadline: bool = False) -> dict:
+    from recops.api import parse_recmodel_spec
+
+    body = manifests.triton_deployment(OWNER, parse_recmodel_spec(spec), revision(spec), SETTINGS)
+    body["metadata"]["generation"] = generation
+    conditions = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}] if deadline else []
+    body["status"] = {"observedGeneration": observed, "updatedReplicas": available, "availableReplicas": available,
+                      "conditions": conditions}
+    return body
+
+
+def kinds(manifests_: tuple) -> list[str]:
+    return [m["kind"] for m in manifests_]
+
+
+def test_a_new_model_gets_its_configmap_and_training_job():
+    plan = recmodel.plan(observe(), SETTINGS)
+    assert kinds(plan.create) == ["ConfigMap", "Job"]
+    configmap, job_ = plan.create
+    assert job_["metadata"]["name"] == configmap["metadata"]["name"] == f"ranker-train-{revision()}"
+    container = job_["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/trainer:1"
+    assert container["args"][:3] == ["train", "--file", "/etc/recops/recmodel.yaml"]
+    assert f"/artifacts/shop/ranker/{revision()}" in container["args"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert {"name": "RECOPS_TERMINATION_LOG", "value": "/dev/termination-log"} in container["env"]
+    owner = job_["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("RecModel", "uid-1", True)
+    assert job_["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "recops-operator"
+    assert "epochs: 2" in configmap["data"]["recmodel.yaml"]
+    assert plan.status.phase == "Training" and plan.status.revision == revision()
+    assert plan.status.observed_generation == 3
+    assert [e.reason for e in plan.events] == ["TrainingStarted"]
+    assert plan.apply == ()  # nothing serves yet
+
+
+def test_a_running_job_is_followed_and_not_created_again():
+    plan = recmodel.plan(observe(status={"phase": "Training"}, job=job(None)), SETTINGS)
+    assert plan.create == () and plan.status.phase == "Training" and plan.events == ()
+
+
+def test_a_failed_job_fails_the_model_with_a_warning():
+    plan = recmodel.plan(observe(status={"phase": "Training"}, job=job("Failed")), SETTINGS)
+    assert plan.status.phase == "Failed" and "failed" in plan.status.message
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "TrainingFailed")]
+    trained = next(c for c in plan.status.conditions if c.type == "Trained")
+    assert (trained.status, trained.reason) == ("False", "JobFailed")
+
+
+def test_success_copies_the_metrics_and_deploys_triton():
+    plan = recmodel.plan(observe(status={"phase": "Training"}, job=job("Complete"), job_pods=[pod(METRICS)]), SETTINGS)
+    assert plan.status.metrics == {"recall@20": 0.31, "ndcg@10": 0.12, "click_auc": 0.7}  # numbers only
+    assert plan.status.recall == 0.31
+    assert plan.status.phase == "Deploying"
+    assert kinds(plan.apply) == ["ConfigMap", "Deployment", "Service"]
+    deployment_ = plan.apply[1]
+    assert deployment_["spec"]["replicas"] == 2
+    init = deployment_["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"][:3] == ["export", "--model", f"/artifacts/shop/ranker/{revision()}"]
+    assert "--cpu" in init["args"]  # serving asks for no GPU
+    assert plan.status.endpoint == "ranker-triton.shop.svc:8001"
+
+
+def test_metrics_are_awaited_for_a_while_then_the_model_deploys_without_them():
+    early = recmodel.plan(observe(job=job("Complete"), job_pods=[pod(None)]), SETTINGS)
+    assert early.status.phase == "Training" and "waiting for the trainer's metrics" in early.status.message
+    assert early.apply == ()
+    late = observe(job=job("Complete", completed=NOW - timedelta(seconds=SETTINGS.metrics_grace_seconds + 1)),
+                   job_pods=[pod("not json")])
+    plan = recmodel.plan(late, SETTINGS)
+    assert plan.status.phase == "Deploying" and plan.status.metrics is None
+    assert "no metrics reported" in next(c.message for c in plan.status.conditions if c.type == "Trained")
+
+
+def test_an_available_deployment_makes_the_model_ready_once():
+    first = recmodel.plan(observe(status={"phase": "Deploying"}, job=job("Complete"), job_pods=[pod(METRICS)],
+                                  deployment=deployment()), SETTINGS)
+    assert first.status.phase == "Ready"
+    assert {c.type: c.status for c in first.status.conditions} == {"Trained": "True", "Deployed": "True",
+                                                                   "Ready": "True"}
+    assert [e.reason for e in first.events] == ["Ready"]
+    again = recmodel.plan(observe(status=first.status.to_patch(), job=job("Complete"), job_pods=[pod(METRICS)],
+                                  deployment=deployment(), now=NOW + timedelta(minutes=5)), SETTINGS)
+    assert again.status == first.status  # same times: nothing transitioned
+    assert again.events == ()
+
+
+@pytest.mark.parametrize(("kwargs", "phase"), [
+    ({"available": 1}, "Deploying"),
+    ({"generation": 2, "observed": 1}, "Deploying"),
+    ({"deadline": True}, "Failed"),
+])
+def test_deployment_progress(kwargs, phase):
+    plan = recmodel.plan(observe(job=job("Complete"), job_pods=[pod(METRICS)], deployment=deployment(**kwargs)),
+                         SETTINGS)
+    assert plan.status.phase == phase
+
+
+def test_a_serving_only_change_keeps_the_revision_and_rolls_the_pods():
+    changed = copy.deepcopy(SPEC)
+    changed["serving"]["maxBatchSize"] = 64
+    assert revision(changed) == revision()
+    plan = recmodel.plan(observe(spec=changed, job=job("Complete"), job_pods=[pod(METRICS)],
+                                 deployment=deployment()), SETTINGS)
+    assert plan.create == ()
+    assert plan.status.phase == "Deploying"  # the running pods have the old serving hash
+    old = deployment()["spec"]["template"]["metadata"]["annotations"]["recops.dev/serving-hash"]
+    assert plan.apply[1]["spec"]["template"]["metadata"]["annotations"]["recops.dev/serving-hash"] != old
+
+
+def test_a_training_change_trains_a_new_revision_while_the_old_one_serves():
+    changed = copy.deepcopy(SPEC)
+    changed["training"]["epochs"] = 5
+    served = revision()
+    status = {"phase": "Ready", "servingRevision": served, "revision": served}
+    plan = recmodel.plan(observe(spec=changed, status=status, deployment=deployment()), SETTINGS)
+    assert revision(changed) != served
+    assert kinds(plan.create) == ["ConfigMap", "Job"]
+    assert plan.create[1]["metadata"]["name"] == f"ranker-train-{revision(changed)}"
+    deployment_ = next(m for m in plan.apply if m["kind"] == "Deployment")
+    assert deployment_["spec"]["template"]["metadata"]["labels"]["recops.dev/revision"] == served
+    assert plan.status.phase == "Training" and plan.status.serving_revision == served
+
+
+def test_an_invalid_spec_fails_with_the_field_named_and_creates_nothing():
+    bad = {**SPEC, "lora": {"r": 0}}
+    plan = recmodel.plan(observe(spec=bad), SETTINGS)
+    assert plan.create == () and plan.apply == ()
+    assert plan.status.phase == "Failed" and "spec.lora.r" in plan.status.message
+    assert [e.reason for e in plan.events] == ["InvalidSpec"]
+
+
+def test_planning_is_deterministic():
+    observation = observe(job=job("Complete"), job_pods=[pod(METRICS)], deployment=deployment())
+    assert recmodel.plan(observation, SETTINGS) == recmodel.plan(observation, SETTINGS)
+
+
+def test_revision_ignores_serving_and_sees_training():
+    from recops.api import parse_recmodel_spec
+
+    base = parse_recmodel_spec(SPEC)
+    assert training_revision(base) == training_revision(parse_recmodel_spec({**SPEC, "serving": {"replicas": 9}}))
+    assert training_revision(base) != training_revision(parse_recmodel_spec({**SPEC, "lora": {"r": 8}}))
+
+
+def test_long_names_fit_a_dns_label():
+    name = child_name("a" * 63, "train-0123456789")
+    assert len(name) <= 63 and name.endswith("-train-0123456789")
+    assert child_name("a" * 63, "train-0123456789") != child_name("a" * 62 + "b", "train-0123456789")
+
+
+def test_settings_from_the_environment_name_a_bad_variable():
+    settings = OperatorSettings.from_env({"RECOPS_TRAINER_IMAGE": "x/y:1", "RECOPS_RECONCILE_INTERVAL_SECONDS": "1.5"})
+    assert settings.trainer_image == "x/y:1" and settings.reconcile_interval_seconds == 1.5
+    with pytest.raises(ValueError, match="RECOPS_METRICS_GRACE_SECONDS"):
+        OperatorSettings.from_env({"RECOPS_METRICS_GRACE_SECONDS": "soon"})
+    with pytest.raises(ValueError, match="RECOPS_ROUTER_REPLICAS: must be positive"):
+        OperatorSettings.from_env({"RECOPS_ROUTER_REPLICAS": "0"})
