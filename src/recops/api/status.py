@@ -74,6 +74,7 @@ class RecExperimentStatus(StatusModel):
     gates: dict[str, GateStatus] | None = Field(None, description="Each gate's last verdict, by gate name.")
     message: str | None = None
     conditions: list[Condition] | None = None
+    resumed: str | None = Field(None, description="The recops.dev/resume annotation value last acted on.")
     rollout: dict[str, Any] | None = Field(
         None, description="The step machine's state (recops.experiments.rollout): the operator resumes from it."
     )

@@ -119,6 +119,7 @@ class Reason(StrEnum):
     GATE_FAILED = "GateFailed"  # RolledBack
     NO_EVIDENCE = "NoEvidence"  # RolledBack: a lift gate stayed Inconclusive
     GUARDRAILS_UNDECIDED = "GuardrailsUndecided"  # RolledBack: a guardrail stayed Inconclusive
+    TREATMENT_UNHEALTHY = "TreatmentUnhealthy"  # RolledBack: the treatment's pods crash or never became available
     SPEC_CHANGED = "SpecChanged"  # Failed: the state's step is not in the spec any more
     EXPERIMENT_FAILED = "ExperimentFailed"  # Failed, by fail()
 
@@ -529,6 +530,23 @@ def fail(state: RolloutState, now: float, message: str, *, reason: Reason = Reas
         state,
         _entry(Decision.FAIL, state.step, 0, now),
         phase=Phase.FAILED,
+        reason=reason,
+        message=message,
+    )
+
+
+def roll_back(
+    state: RolloutState, now: float, message: str, *, reason: Reason = Reason.TREATMENT_UNHEALTHY
+) -> RolloutState:
+    """Roll a non-terminal experiment back (``onFailure``) for a reason outside the gates: the
+    treatment's serving pods crash-loop or its Deployment missed its progress deadline, which is
+    evidence against the treatment as much as a failed gate. Terminal states are returned unchanged."""
+    if state.terminal:
+        return state
+    return _with_history(
+        state,
+        _entry(Decision.ROLLBACK, state.step, 0, now),
+        phase=Phase.ROLLED_BACK,
         reason=reason,
         message=message,
     )

@@ -14,10 +14,12 @@ from typing import Any
 
 import kopf
 
-from recops.operator import recmodel
+from recops.api.loading import API_VERSION
+from recops.operator import recexperiment, recmodel
 from recops.operator.kube import Kube
 from recops.operator.manifests import recmodel as model_manifests
 from recops.operator.manifests.common import Owner
+from recops.operator.naming import selector
 from recops.operator.settings import OperatorSettings
 
 GROUP, VERSION = "recops.dev", "v1alpha1"
@@ -87,3 +89,57 @@ def recmodel_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: A
 def recmodel_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Follow the Job and the Deployment."""
     reconcile_model(body, patch, memo)
+
+
+def _model(kube: Kube, namespace: str, ref: Any) -> dict[str, Any] | None:
+    name = ref.get("model") if isinstance(ref, dict) else None
+    return kube.get(API_VERSION, "RecModel", namespace, name) if isinstance(name, str) and name else None
+
+
+def reconcile_experiment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    """Observe an experiment's models, look at the gates when due, plan, apply, patch the status, post events."""
+    from recops.experiments.gates import evaluate_gates
+    from recops.experiments.prometheus import PrometheusClient
+
+    kube: Kube = memo.kube
+    owner = Owner.of(body)
+    spec = body.get("spec") or {}
+    treatment = _model(kube, owner.namespace, spec.get("treatment"))
+    deployment = pods = None
+    if treatment is not None:
+        name = treatment["metadata"]["name"]
+        deployment = kube.get("apps/v1", "Deployment", owner.namespace, model_manifests.triton_name(name))
+        pods = kube.list("v1", "Pod", owner.namespace,
+                         ",".join(f"{k}={v}" for k, v in selector(name, model_manifests.SERVING).items()))
+    observation = recexperiment.ExperimentObservation(
+        owner=owner, generation=body["metadata"].get("generation", 0), spec=spec, status=body.get("status") or {},
+        now=_now(), annotations=dict(body["metadata"].get("annotations") or {}),
+        control=_model(kube, owner.namespace, spec.get("control")), treatment=treatment,
+        treatment_deployment=deployment, treatment_pods=pods or (), servicemonitors=memo.servicemonitors,
+    )
+    prepared = recexperiment.prepare(observation)
+    results = None
+    if prepared.look_due and prepared.spec is not None:
+        with PrometheusClient(prepared.spec.prometheus.url, timeout=prepared.spec.prometheus.timeout_seconds) as client:
+            results = evaluate_gates(prepared.spec.gates, client, recexperiment.look_context(prepared, observation))
+    result = recexperiment.plan(observation, SETTINGS, results, prepared)
+    for manifest in result.apply:
+        kube.apply(manifest)
+    patch.status.update(result.status.to_patch())
+    _post(body, result.events)
+
+
+@kopf.on.resume(GROUP, VERSION, "recexperiments")
+@kopf.on.create(GROUP, VERSION, "recexperiments")
+@kopf.on.update(GROUP, VERSION, "recexperiments", field="spec")
+@kopf.on.field(GROUP, VERSION, "recexperiments", field=("metadata", "annotations", recexperiment.RESUME_ANNOTATION))
+def recexperiment_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """An experiment appeared, changed, or was asked to resume: reconcile at once."""
+    reconcile_experiment(body, patch, memo)
+
+
+@kopf.timer(GROUP, VERSION, "recexperiments", interval=SETTINGS.reconcile_interval_seconds,
+            initial_delay=SETTINGS.reconcile_interval_seconds)
+def recexperiment_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Look at the gates when a look is due; follow the models."""
+    reconcile_experiment(body, patch, memo)
