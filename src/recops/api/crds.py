@@ -78,9 +78,12 @@ def _without_null_branch(node: Schema) -> Schema:
     nullable = len(kept) < len(branches)
     types = sorted(branch.get("type", "") for branch in kept)
     if types == ["integer", "string"]:
-        # Quantities: 2, 500m, 16Gi.
+        # Quantities: 2, 500m, 16Gi. The apiserver allows typed anyOf branches only in exactly this form;
+        # the string's constraints move up (OpenAPI applies pattern and maxLength to strings only).
+        string = next(branch for branch in kept if branch.get("type") == "string")
+        node.update({key: value for key, value in string.items() if key != "type"})
         node["x-kubernetes-int-or-string"] = True
-        node["anyOf"] = [{"type": "integer"}, next(branch for branch in kept if branch.get("type") == "string")]
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     elif len(kept) == 1:
         node = {**kept[0], **node}
     else:

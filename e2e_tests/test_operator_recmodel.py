@@ -1,0 +1,97 @@
+"""A RecModel through the real operator on a real apiserver: Job → Deployment → Ready with metrics.
+
+kwok plays the kubelet: it runs the training pod to Succeeded and makes Triton pods Ready, but it
+runs no container, so the test writes the trainer's termination message (the metrics JSON the
+trainer image writes to /dev/termination-log) into the pod's status, as the kubelet would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from e2e_tests.recops_fixtures import MODEL, get, model_status, train_to_ready, wait_for
+
+
+def test_a_recmodel_trains_deploys_and_becomes_ready(cluster, namespace, artifacts, operator):
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(MODEL))
+    revision = wait_for(lambda: model_status(cluster, namespace).get("revision"), "a revision in the status")
+    job_name = f"ranker-train-{revision}"
+    job = wait_for(lambda: get(cluster, "job", job_name, namespace), f"Job {job_name}")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/recops/trainer:e2e"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "RecModel"
+    spec_file = get(cluster, "configmap", job_name, namespace)["data"]["recmodel.yaml"]
+    assert yaml.safe_load(spec_file)["spec"]["training"]["epochs"] == 3
+
+    status = train_to_ready(cluster, namespace)
+    assert status["metrics"]["recall@20"] == 0.31 and status["recall"] == 0.31
+    assert status["endpoint"] == f"ranker-triton.{namespace}.svc:8001"
+    assert status["observedGeneration"] == get(cluster, "recmodel", "ranker", namespace)["metadata"]["generation"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Trained": "True",
+        "Deployed": "True",
+        "Ready": "True",
+    }
+    deployment = get(cluster, "deployment", "ranker-triton", namespace)
+    assert deployment["status"]["availableReplicas"] == 1
+    assert get(cluster, "service", "ranker-triton", namespace)["spec"]["ports"][1]["port"] == 8001
+
+    table = cluster.kubectl("get", "rm", "-n", namespace).stdout
+    assert "Ready" in table and revision in table and "0.31" in table
+    reasons = {
+        e["reason"]
+        for e in cluster.kubectl.json(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=ranker"
+        )["items"]
+    }
+    assert {"TrainingStarted", "Ready"} <= reasons
+    operator.check_alive()
+
+
+def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(cluster, namespace, artifacts, operator):
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(MODEL))
+    first = train_to_ready(cluster, namespace)
+
+    # A serving-only change: no new Job; the Deployment gets the new replica count.
+    cluster.kubectl(
+        "patch",
+        "rm",
+        "ranker",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"serving": {"replicas": 2}}}),
+    )
+    wait_for(
+        lambda: get(cluster, "deployment", "ranker-triton", namespace)["status"].get("availableReplicas") == 2,
+        "two Triton replicas",
+    )
+    wait_for(lambda: model_status(cluster, namespace).get("phase") == "Ready", "Ready again")
+    jobs = cluster.kubectl.json("get", "jobs", "-n", namespace, "-l", "app.kubernetes.io/instance=ranker")["items"]
+    assert [j["metadata"]["name"] for j in jobs] == [first["trainingJob"]]
+
+    # A training change: a second revision trains while the first keeps serving.
+    cluster.kubectl(
+        "patch",
+        "rm",
+        "ranker",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"training": {"epochs": 4}}}),
+    )
+    second = wait_for(
+        lambda: (s := model_status(cluster, namespace)).get("revision") != first["revision"] and s, "a new revision"
+    )
+    assert second["servingRevision"] == first["revision"]
+    template = get(cluster, "deployment", "ranker-triton", namespace)["spec"]["template"]
+    assert template["metadata"]["labels"]["recops.dev/revision"] == first["revision"]
+    third = train_to_ready(cluster, namespace)
+    assert third["servingRevision"] == third["revision"] == second["revision"]
+    jobs = cluster.kubectl.json("get", "jobs", "-n", namespace, "-l", "app.kubernetes.io/instance=ranker")["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted([first["trainingJob"], second["trainingJob"]])
