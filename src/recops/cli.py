@@ -204,7 +204,8 @@ def run_operator(
         standalone=standalone,
         # Distinct priorities make peering a leader election: equal ones would all pause.
         priority=priority if priority is not None else random.randint(1, 1_000_000),
-        peering_name="recops",
+        # With a peering name kopf waits for the KopfPeering CRD (the chart installs it); standalone needs none.
+        peering_name=None if standalone else "recops",
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )
 

@@ -36,7 +36,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.ERROR
     settings.execution.max_workers = 32
-    settings.peering.name = "recops"
     memo.kube = Kube()
     memo.servicemonitors = memo.kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor")
 
