@@ -60,7 +60,8 @@ def test_schemas_are_structural(build):
             continue
         assert "anyOf" not in node, path
         assert "type" in node, f"{path} has no type"
-        assert node.get("additionalProperties") is not False, path  # not allowed beside properties
+        # false is not allowed beside properties; true would prune everything nested under it
+        assert not isinstance(node.get("additionalProperties"), bool), path
         if (node["type"] == "object" and path != ".metadata"  # metadata: the apiserver owns its schema
                 and "properties" not in node and "additionalProperties" not in node):
             assert node.get("x-kubernetes-preserve-unknown-fields") is True, path

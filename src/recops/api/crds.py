@@ -114,6 +114,8 @@ def _structural(node: Any, *, in_union: bool = False) -> Any:
     node = _openapi_bounds(node)
     if in_union:
         node.pop("default", None)
+    if node.get("additionalProperties") is True:  # dict[str, Any]: keep whatever is written, nested too
+        del node["additionalProperties"]
     if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
         node["x-kubernetes-preserve-unknown-fields"] = True  # a free-form mapping (dict[str, Any])
     result: Schema = {}
