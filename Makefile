@@ -15,8 +15,9 @@ $(BIN)/recops: pyproject.toml
 
 install: $(BIN)/recops
 
-# Real Prometheus (gate tests) and wrk (serving benchmark) come from Debian; installed when missing.
-SYSTEM_TOOLS := prometheus wrk
+# Real Prometheus (gate tests), wrk (serving benchmark) and openssl (the local control plane's keys) come
+# from Debian; installed when missing.
+SYSTEM_TOOLS := prometheus wrk openssl
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,13 +33,14 @@ system-deps:
 demo: install
 	$(BIN)/recops demo --out $(OUT)
 
-## Lint, then every test (unit, then the training end-to-end tests).
+## Lint, then every test: unit and component tests (tests/), then the operator on a local Kubernetes
+## control plane (e2e_tests/; its binaries are built from Go modules on first use and cached).
 test: install system-deps
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests e2e_tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests e2e_tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -116,8 +116,7 @@ def test_recexperiment_survives_restarts_at_every_stage(cluster, namespace, arti
             last = status.get("rollout", {}).get("lastLookAt")
             if last is not None and last not in looks_seen:
                 looks_seen.append(last)
-                if len(looks_seen) % 2 == 0:  # every second look
-                    restart(operator, kills, f"step {status['currentStep']}, look {len(looks_seen)}")
+                restart(operator, kills, f"step {status['currentStep']}, after look {len(looks_seen)}")
             wait_for(
                 lambda: (
                     (s := experiment_status(cluster, namespace, name)).get("phase") in terminal
