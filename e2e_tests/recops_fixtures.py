@@ -85,6 +85,11 @@ def write_termination_message(cluster: ClusterAccess, namespace: str, job: str, 
     )
 
 
+def patch_spec(cluster: ClusterAccess, namespace: str, name: str, change: dict, kind: str = "rm") -> None:
+    """``kubectl patch --type=merge`` of a resource's spec, as a user changes it."""
+    cluster.kubectl("patch", kind, name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": change}))
+
+
 def job_succeeded(cluster: ClusterAccess, namespace: str, job: str) -> bool:
     status = get(cluster, "job", job, namespace).get("status") or {}
     return any(c["type"] == "Complete" and c["status"] == "True" for c in status.get("conditions", []))

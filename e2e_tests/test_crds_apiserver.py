@@ -147,35 +147,18 @@ def test_printer_columns_short_names_and_category(cluster, apply_crds, namespace
 def test_status_is_a_subresource(cluster, apply_crds, namespace):
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(GOOD_MODEL))
     # A status in the main resource is ignored; only /status writes it.
+    def patch_status(patch: str, check: bool = True):
+        return cluster.kubectl("patch", "rm", "ranker", "-n", namespace, "--subresource=status", "--type=merge",
+                               "-p", patch, check=check)
+
     with_status = {**GOOD_MODEL, "status": {"phase": "Ready"}}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(with_status))
     assert (
         "status" not in cluster.kubectl.json("get", "rm", "ranker", "-n", namespace)
         or cluster.kubectl.json("get", "rm", "ranker", "-n", namespace)["status"].get("phase") != "Ready"
     )
-    cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status": {"phase": "Ready", "recall": 0.25}}',
-    )
+    patch_status('{"status": {"phase": "Ready", "recall": 0.25}}')
     stored = cluster.kubectl.json("get", "rm", "ranker", "-n", namespace)
     assert stored["status"]["phase"] == "Ready" and stored["status"]["recall"] == 0.25
-    bad = cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status": {"phase": "Dancing"}}',
-        check=False,
-    )
+    bad = patch_status('{"status": {"phase": "Dancing"}}', check=False)
     assert bad.returncode != 0 and "status.phase" in bad.stderr

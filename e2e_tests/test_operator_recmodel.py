@@ -7,11 +7,9 @@ trainer image writes to /dev/termination-log) into the pod's status, as the kube
 
 from __future__ import annotations
 
-import json
-
 import yaml
 
-from e2e_tests.recops_fixtures import MODEL, get, model_status, train_to_ready, wait_for
+from e2e_tests.recops_fixtures import MODEL, get, model_status, patch_spec, train_to_ready, wait_for
 
 
 def test_a_recmodel_trains_deploys_and_becomes_ready(cluster, namespace, artifacts, operator):
@@ -56,16 +54,7 @@ def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(c
     first = train_to_ready(cluster, namespace)
 
     # A serving-only change: no new Job; the Deployment gets the new replica count.
-    cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"serving": {"replicas": 2}}}),
-    )
+    patch_spec(cluster, namespace, "ranker", {"serving": {"replicas": 2}})
     wait_for(
         lambda: get(cluster, "deployment", "ranker-triton", namespace)["status"].get("availableReplicas") == 2,
         "two Triton replicas",
@@ -75,16 +64,7 @@ def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(c
     assert [j["metadata"]["name"] for j in jobs] == [first["trainingJob"]]
 
     # A training change: a second revision trains while the first keeps serving.
-    cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"training": {"epochs": 4}}}),
-    )
+    patch_spec(cluster, namespace, "ranker", {"training": {"epochs": 4}})
     second = wait_for(
         lambda: (s := model_status(cluster, namespace)).get("revision") != first["revision"] and s, "a new revision"
     )

@@ -4,8 +4,6 @@ would, with exactly one training Job per revision and every experiment step take
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -16,6 +14,7 @@ from e2e_tests.recops_fixtures import (
     get,
     job_succeeded,
     model_status,
+    patch_spec,
     wait_for,
     write_termination_message,
 )
@@ -52,31 +51,13 @@ def test_recmodel_lifecycle_survives_restarts_at_every_stage(cluster, namespace,
     restart(operator, kills, "Ready")
     first = model_status(cluster, namespace)
 
-    cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"serving": {"replicas": 2}}}),
-    )
+    patch_spec(cluster, namespace, "ranker", {"serving": {"replicas": 2}})
     restart(operator, kills, "serving change applied")
     wait_for(
         lambda: get(cluster, "deployment", "ranker-triton", namespace)["status"].get("availableReplicas") == 2,
         "two replicas",
     )
-    cluster.kubectl(
-        "patch",
-        "rm",
-        "ranker",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"training": {"epochs": 4}}}),
-    )
+    patch_spec(cluster, namespace, "ranker", {"training": {"epochs": 4}})
     restart(operator, kills, "training change applied")
     second = wait_for(
         lambda: (s := model_status(cluster, namespace)).get("revision") != revision and s, "the second revision"
