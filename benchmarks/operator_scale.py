@@ -93,8 +93,8 @@ def measure(api: Any, namespace: str, names: list[str], create: Any, key: str, t
 def install_crds(api: Any, client: Any) -> None:
     """The committed CRDs, created (or left as they are) and Established."""
     extensions = client.ApiextensionsV1Api(api)
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        body = yaml.safe_load(path.read_text())
+    paths = sorted((REPO / "crds").glob("*.yaml"))
+    for body in (document for path in paths for document in yaml.safe_load_all(path.read_text())):
         try:
             extensions.create_custom_resource_definition(body)
         except client.ApiException as error:

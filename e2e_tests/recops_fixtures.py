@@ -112,8 +112,9 @@ def apply_crds(cluster: ClusterAccess) -> None:
     """The committed CRDs, applied and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
     for path in sorted(CRDS.glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        for document in yaml.safe_load_all(path.read_text()):
+            name = document["metadata"]["name"]
+            cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
 
 
 @pytest.fixture
@@ -176,10 +177,13 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60, inter
 class OperatorProcess:
     """``recops operator`` as a child process: started, killed (SIGKILL, as a node loss would) and restarted."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None,
+                 peering_priority: int | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
+        # None: --standalone (one replica); a number: kopf peering with this priority.
+        self.peering = [] if peering_priority is None else ["--no-standalone", "--priority", str(peering_priority)]
         self.env = {**os.environ, **FAST, **(env or {}), "KUBECONFIG": str(kubeconfig)}
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -191,17 +195,8 @@ class OperatorProcess:
             log.write(f"\n===== start {self.starts} =====\n")
             log.flush()
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "recops",
-                    "operator",
-                    "--standalone",
-                    "--namespace",
-                    self.namespace,
-                    "--liveness-port",
-                    "0",
-                ],
+                [sys.executable, "-m", "recops", "operator", "--namespace", self.namespace, "--liveness-port", "0",
+                 *(self.peering or ["--standalone"])],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,

@@ -197,6 +197,14 @@ def run_operator(
         import recops.operator.handlers  # noqa: F401  (registers the handlers)
     except ValueError as error:  # a RECOPS_* setting that does not parse
         raise _fail(str(error)) from None
+    if not standalone:
+        from recops.operator.kube import Kube
+        from recops.operator.peering import PeeringUnavailable, ensure_peering
+
+        try:
+            ensure_peering(Kube(), "recops", namespace or [])
+        except PeeringUnavailable as error:
+            raise _fail(str(error)) from None
     kopf.configure(verbose=False)
     kopf.run(
         clusterwide=not namespace,

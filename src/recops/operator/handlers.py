@@ -36,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.ERROR
     settings.execution.max_workers = 32
+    settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
     memo.kube = Kube()
     memo.servicemonitors = memo.kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor")
 

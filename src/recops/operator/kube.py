@@ -7,6 +7,9 @@ treats "already exists" as done, apply is server-side apply with the operator as
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
@@ -30,7 +33,9 @@ class Kube:
 
     def __init__(self, api: client.ApiClient | None = None) -> None:
         self.api = api or api_client()
-        self.dynamic = DynamicClient(self.api)
+        # A discovery cache file per process: replicas on one host would otherwise read each other's half-written one.
+        cache = Path(tempfile.gettempdir()) / f"recops-discovery-{os.getpid()}.json"
+        self.dynamic = DynamicClient(self.api, cache_file=str(cache))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Kube per operator process
     def _resource(self, api_version: str, kind: str) -> Any:

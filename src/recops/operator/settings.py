@@ -32,6 +32,8 @@ class OperatorSettings:
     """After the router ConfigMap changed: the kubelet's sync of the mounted file (up to ~60 s), the
     router's reload (1 s) and two scrape intervals pass before the new step's window starts."""
     triton_progress_deadline_seconds: int = 600
+    peering_lifetime_seconds: int = 60
+    """How long a silent replica counts as alive in the peering (a standby takes over after this)."""
     router_replicas: int = 2
     router_cpu: str = "500m"
     router_memory: str = "512Mi"
