@@ -211,3 +211,26 @@ def test_settings_from_the_environment_name_a_bad_variable():
         OperatorSettings.from_env({"RECOPS_METRICS_GRACE_SECONDS": "soon"})
     with pytest.raises(ValueError, match="RECOPS_ROUTER_REPLICAS: must be positive"):
         OperatorSettings.from_env({"RECOPS_ROUTER_REPLICAS": "0"})
+
+
+def test_the_operator_refuses_a_bad_setting_naming_it():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RECOPS_RECONCILE_INTERVAL_SECONDS": "often"}
+    done = subprocess.run([sys.executable, "-m", "recops", "operator", "--standalone"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "RECOPS_RECONCILE_INTERVAL_SECONDS: expected a number, got 'often'" in done.stdout + done.stderr
+
+
+def test_recops_crds_names_an_unwritable_out_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from recops.cli import app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["crds", "--out", str(blocker / "crds")])
+    assert result.exit_code != 0 and f"--out {blocker / 'crds'}" in result.output
