@@ -56,15 +56,22 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
     owner = Owner.of(body)
     revision = recmodel.revision_of(body.get("spec") or {})
     job = pods = None
+    succeeded = False
     if revision is not None:
         job_name = model_manifests.training_job_name(owner.name, revision)
         job = kube.get("batch/v1", "Job", owner.namespace, job_name)
-        if job is not None and (job.get("status") or {}).get("succeeded"):
+        succeeded = bool(job is not None and (job.get("status") or {}).get("succeeded"))
+        if succeeded:
             pods = kube.list("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={job_name}")
-    deployment = kube.get("apps/v1", "Deployment", owner.namespace, model_manifests.triton_name(owner.name))
+    status = body.get("status") or {}
+    # Nothing serves before a revision's Job has succeeded: a new RecModel costs two requests, not three.
+    deployment = (
+        kube.get("apps/v1", "Deployment", owner.namespace, model_manifests.triton_name(owner.name))
+        if succeeded or status.get("servingRevision") else None
+    )
     observation = recmodel.ModelObservation(
         owner=owner, generation=body["metadata"].get("generation", 0), spec=body.get("spec") or {},
-        status=body.get("status") or {}, now=_now(), job=job, job_pods=pods or (), deployment=deployment,
+        status=status, now=_now(), job=job, job_pods=pods or (), deployment=deployment,
         servicemonitors=memo.servicemonitors,
     )
     result = recmodel.plan(observation, SETTINGS)

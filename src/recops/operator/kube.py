@@ -19,13 +19,18 @@ from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, Resource
 FIELD_MANAGER = "recops-operator"
 
 
-def api_client() -> client.ApiClient:
-    """A client for the cluster the operator runs in, else the current kubeconfig context."""
+def api_client(pool_size: int = 32) -> client.ApiClient:
+    """A client for the cluster the operator runs in, else the current kubeconfig context.
+
+    ``pool_size`` keeps one connection per handler thread (urllib3's default of 4 makes 32 threads
+    queue for connections and reconnect)."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 class Kube:
