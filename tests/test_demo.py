@@ -63,6 +63,17 @@ def test_the_better_treatment_is_promoted(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.movielens
+def test_the_demo_runs_on_movielens(tmp_path, ml100k):
+    """The same loop on ML-100K: shoppers are the test split's ratings (no purchases, so no GMV)."""
+    summary = _demo(tmp_path / "demo", "--dataset", "ml-100k", "--data-dir", str(ml100k))
+    assert summary["dataset"] == "ml-100k" and summary["decision"] in ("promoted", "rolled_back", "held")
+    assert {name.split()[0] for name in summary["offline"]} >= {"control", "treatment", "pop", "itemcf"}
+    arms = summary["online"]["arms"]
+    assert all(arms[arm]["impressions"] > 1000 and arms[arm]["clicks"] > 0 for arm in ("treatment", "control"))
+
+
+@pytest.mark.slow
 def test_a_worse_treatment_is_rolled_back(tmp_path):
     summary = _demo(tmp_path / "demo", "--worse-treatment")
     assert summary["decision"] == "rolled_back" and summary["winner"] == "control", summary["reason"]
