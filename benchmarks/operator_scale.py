@@ -224,7 +224,8 @@ def run(args: argparse.Namespace, kubeconfig: Path, tmp: Path, client: Any, conf
     direct = measure(api, namespace, names, create_job, "bench/direct", args.timeout)
 
     recops = measure_operator(
-        [sys.executable, "-m", "recops", "operator", "--standalone", "--namespace", namespace, "--liveness-port", "0"],
+        [sys.executable, "-m", "recops", "operator", "--standalone", "--namespace", namespace, "--liveness-port", "0",
+         "--metrics-port", "0"],
         "recops operator", api, custom, namespace, names, "recops.dev/recmodel", kubeconfig, tmp, args.timeout,
     )
     # The framework's floor: kopf with one create handler that makes the same ConfigMap and Job.

@@ -187,6 +187,13 @@ class OperatorProcess:
         self.env = {**os.environ, **FAST, **(env or {}), "KUBECONFIG": str(kubeconfig)}
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        from recops.serving.processes import free_port
+
+        self.metrics_port = free_port()
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> OperatorProcess:
         assert self.process is None or self.process.poll() is not None, "already running"
@@ -196,7 +203,7 @@ class OperatorProcess:
             log.flush()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "recops", "operator", "--namespace", self.namespace, "--liveness-port", "0",
-                 *(self.peering or ["--standalone"])],
+                 "--metrics-port", str(self.metrics_port), *(self.peering or ["--standalone"])],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,

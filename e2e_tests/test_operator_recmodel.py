@@ -47,6 +47,13 @@ def test_a_recmodel_trains_deploys_and_becomes_ready(cluster, namespace, artifac
     }
     assert {"TrainingStarted", "Ready"} <= reasons
     operator.check_alive()
+    # What the dashboard reads: the phase and the trained revision's metrics, on the operator's /metrics.
+    import urllib.request
+
+    exported = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
+    assert f'recops_recmodel_phase{{namespace="{namespace}",phase="Ready",recmodel="ranker"}} 1.0' in exported
+    assert (f'recops_recmodel_metric{{metric="recall@20",namespace="{namespace}",recmodel="ranker",'
+            f'revision="{revision}"}} 0.31') in exported
 
 
 def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(cluster, namespace, artifacts, operator):

@@ -174,3 +174,21 @@ def test_a_lost_control_fails_the_experiment_and_writes_no_router():
     start, _ = reconcile({}, T0)
     plan, _ = reconcile(start.status.to_patch(), T0 + timedelta(seconds=5), None, control=model("v1", "Failed"))
     assert plan.status.phase == "Failed" and plan.apply == ()
+
+
+def test_operator_metrics_follow_the_status():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from recops.operator.metrics import OperatorMetrics
+
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    plans = _run([(0, None), (30, (S, Verdict.FAILED))])
+    metrics.experiment("shop", "v2-vs-v1", plans[-1].status.to_patch())
+    text = generate_latest(registry).decode()
+    assert 'recops_experiment_phase{experiment="v2-vs-v1",namespace="shop",phase="RolledBack"} 1.0' in text
+    assert 'recops_experiment_treatment_weight_percent{experiment="v2-vs-v1",namespace="shop"} 0.0' in text
+    assert 'gate="ctrLift",namespace="shop",verdict="Failed"} 1.0' in text
+    assert 'gate="ctrLift",namespace="shop",verdict="Successful"} 0.0' in text
+    metrics.forget("RecExperiment", "shop", "v2-vs-v1")
+    assert "v2-vs-v1" not in generate_latest(registry).decode()

@@ -180,6 +180,9 @@ def run_operator(
         list[str] | None, typer.Option("--namespace", "-n", help="Namespace to watch (repeatable; default: all).")
     ] = None,
     liveness_port: Annotated[int, typer.Option(min=0, max=65535, help="kopf's /healthz port (0: off).")] = 8080,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Prometheus /metrics port (0: off).")
+    ] = 8081,
     standalone: Annotated[
         bool, typer.Option(help="No peering: for one replica without the KopfPeering CRDs (development, tests).")
     ] = False,
@@ -205,6 +208,13 @@ def run_operator(
             ensure_peering(Kube(), "recops", namespace or [])
         except PeeringUnavailable as error:
             raise _fail(str(error)) from None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port)
+        except OSError as error:
+            raise _fail(f"--metrics-port {metrics_port}: {error.strerror}") from None
     kopf.configure(verbose=False)
     kopf.run(
         clusterwide=not namespace,

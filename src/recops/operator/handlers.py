@@ -19,11 +19,13 @@ from recops.operator import recexperiment, recmodel
 from recops.operator.kube import Kube
 from recops.operator.manifests import recmodel as model_manifests
 from recops.operator.manifests.common import Owner
+from recops.operator.metrics import OperatorMetrics
 from recops.operator.naming import selector
 from recops.operator.settings import OperatorSettings
 
 GROUP, VERSION = "recops.dev", "v1alpha1"
 SETTINGS = OperatorSettings.from_env()
+METRICS = OperatorMetrics()
 PREFIX = "recops.dev"
 
 
@@ -48,6 +50,15 @@ def _now() -> datetime:
 def _post(body: kopf.Body, events: Any) -> None:
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+
+
+def _measured(kind: str, reconcile: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    with METRICS.reconcile_seconds.labels(kind).time():
+        try:
+            reconcile(body, patch, memo)
+        except Exception:
+            METRICS.reconcile_errors.labels(kind).inc()
+            raise
 
 
 def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
@@ -79,8 +90,10 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
         kube.create(manifest)
     for manifest in result.apply:
         kube.apply(manifest)
-    patch.status.update(result.status.to_patch())
+    status_patch = result.status.to_patch()
+    patch.status.update(status_patch)
     _post(body, result.events)
+    METRICS.model(owner.namespace, owner.name, status_patch)
 
 
 @kopf.on.resume(GROUP, VERSION, "recmodels")
@@ -88,14 +101,14 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
 @kopf.on.update(GROUP, VERSION, "recmodels", field="spec")
 def recmodel_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """A RecModel appeared or its spec changed: create its Job at once."""
-    reconcile_model(body, patch, memo)
+    _measured("RecModel", reconcile_model, body, patch, memo)
 
 
 @kopf.timer(GROUP, VERSION, "recmodels", interval=SETTINGS.reconcile_interval_seconds,
             initial_delay=SETTINGS.reconcile_interval_seconds)
 def recmodel_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Follow the Job and the Deployment."""
-    reconcile_model(body, patch, memo)
+    _measured("RecModel", reconcile_model, body, patch, memo)
 
 
 def _model(kube: Kube, namespace: str, ref: Any) -> dict[str, Any] | None:
@@ -132,8 +145,10 @@ def reconcile_experiment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) ->
     result = recexperiment.plan(observation, SETTINGS, results, prepared)
     for manifest in result.apply:
         kube.apply(manifest)
-    patch.status.update(result.status.to_patch())
+    status_patch = result.status.to_patch()
+    patch.status.update(status_patch)
     _post(body, result.events)
+    METRICS.experiment(owner.namespace, owner.name, status_patch)
 
 
 @kopf.on.resume(GROUP, VERSION, "recexperiments")
@@ -142,11 +157,18 @@ def reconcile_experiment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) ->
 @kopf.on.field(GROUP, VERSION, "recexperiments", field=("metadata", "annotations", recexperiment.RESUME_ANNOTATION))
 def recexperiment_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """An experiment appeared, changed, or was asked to resume: reconcile at once."""
-    reconcile_experiment(body, patch, memo)
+    _measured("RecExperiment", reconcile_experiment, body, patch, memo)
 
 
 @kopf.timer(GROUP, VERSION, "recexperiments", interval=SETTINGS.reconcile_interval_seconds,
             initial_delay=SETTINGS.reconcile_interval_seconds)
 def recexperiment_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Look at the gates when a look is due; follow the models."""
-    reconcile_experiment(body, patch, memo)
+    _measured("RecExperiment", reconcile_experiment, body, patch, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, "recmodels", optional=True)
+@kopf.on.delete(GROUP, VERSION, "recexperiments", optional=True)
+def deleted(body: kopf.Body, **_: Any) -> None:
+    """Children go with their owner (garbage collection); only the metric series are ours to drop."""
+    METRICS.forget(body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
