@@ -37,6 +37,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=PREFIX, key="last-handled-configuration",
     )
     settings.posting.level = logging.ERROR
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per gate query otherwise
     settings.execution.max_workers = 32
     settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
     memo.kube = Kube()

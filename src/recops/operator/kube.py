@@ -54,7 +54,7 @@ class Kube:
             return False
         return True
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or ``None`` when it does not exist."""
         try:
             return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()

@@ -33,5 +33,7 @@ def ensure_peering(kube: Kube, name: str, namespaces: Sequence[str]) -> None:
             "or run a single replica with --standalone"
         )
     for namespace in namespaces or [None]:
-        metadata = {"name": name, **({"namespace": namespace} if namespace else {})}
-        kube.create({"apiVersion": PEERING_API, "kind": kind, "metadata": metadata})
+        # Read first: where the Helm chart made the object, the operator needs no create permission.
+        if kube.get(PEERING_API, kind, namespace, name) is None:
+            metadata = {"name": name, **({"namespace": namespace} if namespace else {})}
+            kube.create({"apiVersion": PEERING_API, "kind": kind, "metadata": metadata})
