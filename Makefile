@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install system-deps demo test lint clean
+.PHONY: install system-deps demo test lint images clean
 
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,29 @@ test: install system-deps
 
 lint: install
 	$(BIN)/ruff check src tests e2e_tests benchmarks
+	$(BIN)/hadolint $(DOCKERFILES)
+
+## The three images, built and pushed with docker buildx (log in to $(REGISTRY) first). Their names are
+## the operator's default images (src/recops/operator/settings.py): $(REGISTRY)/{operator,trainer,triton}:$(VERSION).
+## The context is the repository root; .dockerignore keeps it to the package sources.
+REGISTRY ?= ghcr.io/recops
+VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' src/recops/__init__.py)
+PLATFORMS ?= linux/amd64
+# image name : folder of its Dockerfile
+IMAGES := operator:operator trainer:trainer_image triton:triton_image
+DOCKERFILES := $(foreach image,$(IMAGES),$(word 2,$(subst :, ,$(image)))/Dockerfile)
+
+images:
+	@docker buildx version >/dev/null 2>&1 || { \
+	  echo "make images needs docker buildx (Docker Desktop, or the docker-buildx plugin with Docker Engine):"; \
+	  echo "  https://docs.docker.com/build/install-buildx/"; exit 1; }
+	@test -n "$(VERSION)" || { echo "no __version__ in src/recops/__init__.py: set VERSION=..."; exit 1; }
+	@set -e; for image in $(IMAGES); do \
+	  name=$${image%%:*}; folder=$${image#*:}; \
+	  echo "building $(REGISTRY)/$$name:$(VERSION) from $$folder/Dockerfile"; \
+	  docker buildx build --platform $(PLATFORMS) --build-arg VERSION=$(VERSION) \
+	    --tag $(REGISTRY)/$$name:$(VERSION) --file $$folder/Dockerfile --push . ; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
