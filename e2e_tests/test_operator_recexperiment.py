@@ -44,29 +44,31 @@ def test_a_worse_treatment_is_rolled_back(cluster, namespace, artifacts, operato
     assert status["gates"]["ctrLift"]["verdict"] == "Failed"
 
 
-def test_prometheus_stopped_mid_step_holds_the_step(cluster, namespace, artifacts, operator, stack):
-    with ab_test(cluster, namespace, stack, "blind-hold", maxConsecutiveErrors=100) as running:
-        wait_for(
-            lambda: experiment_status(cluster, namespace, "blind-hold").get("rollout", {}).get("looks", 0) >= 1,
-            "a first look",
-            timeout=60,
-        )
+def test_prometheus_stopped_mid_step_holds_the_step_then_pauses_until_resumed(cluster, namespace, artifacts,
+                                                                               operator, stack):
+    name = "blind-hold"
+
+    def status() -> dict:
+        return experiment_status(cluster, namespace, name)
+
+    with ab_test(cluster, namespace, stack, name, maxConsecutiveErrors=6) as running:
+        wait_for(lambda: status().get("rollout", {}).get("looks", 0) >= 1, "a first look", timeout=60)
         running["prometheus"].stop()
-        before = experiment_status(cluster, namespace, "blind-hold")
-        errors = wait_for(
-            lambda: (
-                (s := experiment_status(cluster, namespace, "blind-hold"))
-                .get("rollout", {})
-                .get("consecutiveErrors", 0)
-                >= 4
-                and s
-            ),
-            "four looks without Prometheus",
-            timeout=60,
-        )
-    assert errors["phase"] == "Progressing"
-    assert (errors["currentStep"], errors["weight"]) == (before["currentStep"], before["weight"])
-    assert {gate["verdict"] for gate in errors["gates"].values()} == {"Error"}
+        before = status()
+        held = wait_for(lambda: (s := status()).get("rollout", {}).get("consecutiveErrors", 0) >= 4 and s,
+                        "four looks without Prometheus", timeout=60)
+        assert held["phase"] == "Progressing"
+        assert (held["currentStep"], held["weight"]) == (before["currentStep"], before["weight"])
+        assert {gate["verdict"] for gate in held["gates"].values()} == {"Error"}
+        # Six in a row: Paused for a human, weights kept. The README's annotate command resumes it.
+        paused = wait_for(lambda: (s := status()).get("phase") == "Paused" and s, "Paused", timeout=60)
+        assert (paused["currentStep"], paused["weight"]) == (before["currentStep"], before["weight"])
+        cluster.kubectl("annotate", "rexp", name, "-n", namespace, "recops.dev/resume=after-the-outage", "--overwrite")
+        resumed = wait_for(lambda: (s := status()).get("resumed") == "after-the-outage" and s, "the resume",
+                           timeout=30)
+        assert resumed["phase"] in ("Progressing", "Paused")  # Prometheus is still down: it may pause again
+        history = [entry["decision"] for entry in resumed["rollout"]["history"]]
+        assert history[-2:] == ["Pause", "Resume"] or history[-3:-1] == ["Pause", "Resume"]
 
 
 def test_a_mis_assignment_fails_the_sample_ratio_gate(cluster, namespace, artifacts, operator, stack):
