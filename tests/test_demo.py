@@ -101,7 +101,10 @@ def test_killing_the_demo_leaves_no_process_behind(tmp_path):
     try:
         assert ready.wait(timeout=300), "the demo never reached the experiment:\n" + "".join(lines[-20:])
         os.kill(process.pid, signal.SIGINT)  # Ctrl-C
-        process.wait(timeout=90)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the demo did not stop within 90 s of Ctrl-C:\n" + "".join(lines[-30:])) from None
         deadline = time.monotonic() + 30
         left = ["?"]
         while left and time.monotonic() < deadline:

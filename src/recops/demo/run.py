@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ from recops.experiments.routing import CONTROL, TREATMENT, router_config
 
 SETTLE_S = 2.0  # two Prometheus scrape intervals (1 s each) after the router confirms new weights
 DEFAULT_EXPERIMENT = Path(__file__).with_name("recexperiment-demo.yaml")
+
+
+STOP_REQUESTED = threading.Event()
+"""Set by the CLI's SIGINT/SIGTERM handler, which also raises KeyboardInterrupt. The exception can be
+lost (raised inside a fork handler while a server starts, Python prints "Exception ignored"), so the
+demo also checks this flag between steps and at every look."""
+
+
+def raise_if_stopped() -> None:
+    """KeyboardInterrupt when a stop was requested and its exception went missing."""
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt
 
 
 class DemoError(RuntimeError):
@@ -133,6 +146,7 @@ def services(
         except RouterProcessError as error:
             raise DemoError(str(error)) from None
         say(f"router ready on {router.url}")
+        raise_if_stopped()
         prometheus = None
         binary = prometheus_binary()
         if binary:
@@ -149,6 +163,7 @@ def services(
             say(f"gates read a real Prometheus ({binary}) on {prometheus.url}")
         else:
             say("gates read the router's own /metrics (no prometheus binary on PATH; apt-get install prometheus)")
+        raise_if_stopped()
         yield {"endpoints": endpoints, "router": router, "config_path": config_path, "prometheus": prometheus}
 
 
@@ -165,8 +180,11 @@ def seconds_since(origin: float) -> float:
 
 async def wait_until(deadline: float, stop: asyncio.Event) -> None:
     """Sleep until ``deadline`` (monotonic) or until ``stop`` is set."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation (Ctrl-C) that
+    # arrives as the inner wait completes, and the experiment would run on to its budget.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await stop.wait()
 
 
 def http_client(base_url: str, concurrency: int) -> httpx.AsyncClient:
@@ -290,6 +308,7 @@ async def run_experiment(
         ))
         try:
             while not state.terminal and time.monotonic() < deadline:
+                raise_if_stopped()
                 look_at = rollout.next_look_at(spec, state)
                 if look_at is None:
                     break

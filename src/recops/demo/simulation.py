@@ -739,7 +739,9 @@ async def simulate(
         next_tick = time.monotonic() + tick_s
         while True:
             try:
-                await asyncio.wait_for(done.wait(), max(next_tick - time.monotonic(), 0.0))
+                # asyncio.timeout: wait_for may swallow a cancellation on Python 3.11.
+                async with asyncio.timeout(max(next_tick - time.monotonic(), 0.0)):
+                    await done.wait()
                 return  # stopped between ticks, never in the middle of a flush (that would drop its batch)
             except TimeoutError:
                 pass
