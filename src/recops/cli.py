@@ -164,6 +164,74 @@ def _interrupt_on_stop_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+@app.command()
+def crds(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for recmodels.yaml and recexperiments.yaml.")],
+) -> None:
+    """Write the CustomResourceDefinitions, generated from the typed specs (``kubectl apply -f DIR``)."""
+    from recops.api.crds import write_crds
+
+    try:
+        for path in write_crds(out):
+            console.print(f"wrote {path}")
+    except OSError as error:
+        raise _fail(f"--out {out}: {error.strerror or error}") from None
+
+
+@app.command("operator")
+def run_operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Namespace to watch (repeatable; default: all).")
+    ] = None,
+    liveness_port: Annotated[int, typer.Option(min=0, max=65535, help="kopf's /healthz port (0: off).")] = 8080,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Prometheus /metrics port (0: off).")
+    ] = 8081,
+    standalone: Annotated[
+        bool, typer.Option(help="No peering: for one replica without the KopfPeering CRDs (development, tests).")
+    ] = False,
+    priority: Annotated[
+        int | None,
+        typer.Option(help="Peering priority: the highest live replica works, others wait (default: random)."),
+    ] = None,
+) -> None:
+    """Run the operator (kopf): RecModel → training Job → Triton; RecExperiment → router, steps and gates."""
+    import random
+
+    import kopf
+
+    try:
+        import recops.operator.handlers  # noqa: F401  (registers the handlers)
+    except ValueError as error:  # a RECOPS_* setting that does not parse
+        raise _fail(str(error)) from None
+    if not standalone:
+        from recops.operator.kube import Kube
+        from recops.operator.peering import PeeringUnavailable, ensure_peering
+
+        try:
+            ensure_peering(Kube(), "recops", namespace or [])
+        except PeeringUnavailable as error:
+            raise _fail(str(error)) from None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port)
+        except OSError as error:
+            raise _fail(f"--metrics-port {metrics_port}: {error.strerror}") from None
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=not namespace,
+        namespaces=namespace or (),
+        standalone=standalone,
+        # Distinct priorities make peering a leader election: equal ones would all pause.
+        priority=priority if priority is not None else random.randint(1, 1_000_000),
+        # With a peering name kopf waits for the KopfPeering CRD (the chart installs it); standalone needs none.
+        peering_name=None if standalone else "recops",
+        liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
+    )
+
+
 serve_app = typer.Typer(help="Run servers: Triton for a model repository, the A/B router.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
