@@ -178,6 +178,8 @@ def test_rules_shape():
 def test_rules_pass_promtool(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
+        if os.environ.get("RECOPS_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("RECOPS_REQUIRE_PROMETHEUS=1 but no promtool on PATH (Debian's prometheus package ships it)")
         pytest.skip("no promtool (Debian's prometheus package ships it)")
     path = tmp_path / "rules.yaml"
     path.write_text(render.render_rules_yaml())
