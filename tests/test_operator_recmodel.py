@@ -234,3 +234,16 @@ def test_recops_crds_names_an_unwritable_out_dir(tmp_path):
     blocker.write_text("")
     result = CliRunner().invoke(app, ["crds", "--out", str(blocker / "crds")])
     assert result.exit_code != 0 and f"--out {blocker / 'crds'}" in result.output
+
+
+def test_recops_export_names_a_bad_spec_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from recops.cli import app
+
+    bad = tmp_path / "spec.yaml"
+    bad.write_text("data: {source: synthetic}\nlora: {r: 0}\n")
+    result = CliRunner().invoke(app, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "repo"),
+                                      "--spec", str(bad)])
+    assert result.exit_code != 0 and "spec.lora.r" in result.output
+    assert not (tmp_path / "repo").exists()  # nothing written
