@@ -108,7 +108,11 @@ def test_recexperiment_survives_restarts_at_every_stage(cluster, namespace, arti
                 interval=0.3,
             )
         status = finish(cluster, namespace, name)
-    assert len(kills) >= 10, kills
+    # How many looks a step takes depends on the traffic the gates see, so count steps, not looks:
+    # the operator was killed after a look in every step before the last (the last may decide at
+    # its first look, which ends the experiment).
+    interrupted_steps = {int(point.split()[1].rstrip(",")) for point in kills[1:]}
+    assert interrupted_steps >= {0, 1}, kills
     assert status["phase"] == "Promoted", status.get("message")
     steps = [entry["step"] for entry in status["rollout"]["history"] if entry["decision"] in ("Start", "Advance")]
     assert steps == [0, 1, 2]  # none skipped, none repeated
