@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install system-deps demo test lint images clean
+.PHONY: install system-deps cuda-toolchain kernels demo test lint images clean
 
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,15 +27,30 @@ system-deps:
 	  else echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
 
+# nvcc from PyPI at the CUDA version of torch's runtime wheel: compiles the CUDA kernels without a GPU.
+$(VENV)/.cuda-toolchain: $(BIN)/recops
+	$(BIN)/python -m pip install --quiet $$($(BIN)/python -m recops.kernels.toolchain) ninja
+	touch $@
+
+cuda-toolchain: $(VENV)/.cuda-toolchain
+
+## The CUDA kernels (kernels/), compiled for sm_80, sm_90 and PTX and installed into the venv; recops uses
+## them on a GPU (without this, a GPU machine compiles them on first use, and CPUs use the torch reference).
+kernels: cuda-toolchain
+	$(BIN)/python kernels/build.py --out kernels/build/lib
+	CUDA_HOME=$$($(BIN)/python -c "from recops.kernels.toolchain import cuda_home; print(cuda_home())") \
+	  $(BIN)/python -m pip install --quiet --no-build-isolation ./kernels
+
 ## The whole loop on this machine: train a control and the LLM two-tower on the synthetic shop log, serve both
 ## with Triton behind the A/B router, ramp the treatment with simulated shoppers and real gates, promote or
 ## roll back, write runs/demo/report.html and summary.json.
 demo: install
 	$(BIN)/recops demo --out $(OUT)
 
-## Lint, then every test: unit and component tests (tests/), then the operator on a local Kubernetes
+## Lint, then every test: unit and component tests (tests/; the CUDA kernels are compiled, and their device
+## code run on the CPU through an emulation), then the operator on a local Kubernetes
 ## control plane (e2e_tests/; its binaries are built from Go modules on first use and cached).
-test: install system-deps
+test: install system-deps cuda-toolchain
 	$(BIN)/ruff check src tests e2e_tests benchmarks
 	$(BIN)/python -m pytest
 
@@ -66,4 +81,4 @@ images:
 	done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache kernels/build
