@@ -74,3 +74,23 @@ def test_oversized_history_is_refused(exported):
     small = Ranker(ranker.loaded, max_history=3)
     with pytest.raises(RankRequestError, match="history\\[0\\] has 4 items; at most 3"):
         small.recommend([data.items["item_id"].to_list()[:4]], k=2)
+
+
+def test_a_candidate_pool_with_repeats_answers_each_item_once_less_the_history(exported):
+    data, _, ranker = exported
+    ids = data.items["item_id"].to_list()
+    (answer,) = ranker.recommend([[ids[0]]], k=3, candidates=[ids[0], ids[1], ids[1], ids[2], ids[3], ids[3]])
+    assert sorted(answer.item_ids) == sorted(ids[1:4])  # each once; the history's item is left out
+    with pytest.raises(RankRequestError, match="k=4 but only 3 items are left"):
+        ranker.recommend([[ids[0]]], k=4, candidates=[ids[0], ids[1], ids[1], ids[2], ids[3]])
+
+
+def test_an_index_with_nan_rows_is_refused_at_load_naming_the_items(tiny_model):
+    from recops.serving.ranker import Scorer
+    from recops.training.export import load_model
+
+    _, _, model_dir = tiny_model
+    loaded = load_model(model_dir, with_backbone=False)
+    loaded.item_index[[2, 5]] = np.nan
+    with pytest.raises(ValueError, match=rf"2 rows with NaN or infinite values \(items {loaded.item_ids[2]}, "):
+        Scorer(loaded)

@@ -45,8 +45,9 @@ class Head(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.net(head_features(users, items)).squeeze(-1)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """One logit per row of ``[u, v, u*v]`` features (:func:`recops.kernels.head_features`)."""
+        return self.net(features).squeeze(-1)
 
 
 class TwoTowerModel(nn.Module):
@@ -122,7 +123,11 @@ class TwoTowerModel(nn.Module):
 
     def head_logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Click and like logits of aligned (user, item) vector pairs."""
-        return self.click_head(users, items), self.like_head(users, items)
+        return self.heads(head_features(users, items))
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Click and like logits of ``[u, v, u*v]`` feature rows, assembled once for both heads."""
+        return self.click_head(features), self.like_head(features)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen backbone weights: LoRA, projection, IDs, user MLP, heads, caches."""

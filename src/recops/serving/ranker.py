@@ -112,8 +112,16 @@ class Scorer:
         self.model = loaded.model.to(device)
         self.device = torch.device(device)
         with torch.no_grad():
-            self.item_vectors = torch.as_tensor(loaded.item_index, device=self.device)
-            self.item_bias = self.model.item_biases()
+            self.item_vectors = torch.as_tensor(loaded.item_index, device=self.device).contiguous()
+            self.item_bias = self.model.item_biases().float().contiguous()
+        # A NaN in the index would rank its item last forever, silently: refuse to serve it.
+        broken = (~torch.isfinite(self.item_vectors).all(dim=1)).nonzero().flatten()
+        if broken.numel():
+            raise ValueError(
+                f"the item index has {broken.numel()} rows with NaN or infinite values "
+                f"(items {', '.join(loaded.item_ids[i] for i in broken[:5].tolist())}"
+                f"{', ...' if broken.numel() > 5 else ''}): re-export the model"
+            )
         self.scale = 1.0 / self.model.config.temperature
 
     @torch.no_grad()
@@ -121,43 +129,74 @@ class Scorer:
         self, requests: Sequence[RankInput], exclude_history: bool = True
     ) -> list[RankedIndices | RankRequestError]:
         """Answer a batch of requests in one pass; a request that cannot be answered gets its error instead."""
-        n_items = self.item_vectors.shape[0]
         history = torch.as_tensor(np.stack([r.history for r in requests]), device=self.device)
         mask = torch.as_tensor(np.stack([r.mask for r in requests]), device=self.device)
         users = self.model.user_vectors(self.item_vectors, history, mask)
-        exclude = torch.zeros(len(requests), n_items, dtype=torch.bool, device=self.device)
-        if exclude_history:
-            rows = mask.nonzero(as_tuple=True)[0]
-            exclude[rows, history[mask]] = True
+        # Each user's history as item indices to skip (-1: padding): the kernel never reads a B × N mask.
+        excluded = history.masked_fill(~mask, -1) if exclude_history else history.new_full((len(requests), 0), -1)
+        answers: list[RankedIndices | RankRequestError | None] = [None] * len(requests)
+        catalog = [row for row, r in enumerate(requests) if r.candidates is None]
+        left = self._items_left(excluded[catalog]) if catalog else []
+        answerable = []
+        for row, n_left in zip(catalog, left, strict=True):
+            if requests[row].k <= n_left:
+                answerable.append(row)
+            else:
+                answers[row] = RankRequestError(f"k={requests[row].k} but only {n_left} items are left to recommend")
+        if answerable:
+            # One top-k at the largest k; each row keeps its own first k (the answers are in order).
+            k_max = max(requests[row].k for row in answerable)
+            selected = torch.as_tensor(answerable, device=self.device)
+            scores, top = kernels.retrieve_topk(
+                users[selected],
+                self.item_vectors,
+                k_max,
+                bias=self.item_bias,
+                scale=self.scale,
+                exclude=excluded[selected],
+            )
+            ranked = self._with_heads(users[selected], scores, top)
+            for position, row in enumerate(answerable):
+                k, answer = requests[row].k, ranked[position]
+                answers[row] = RankedIndices(answer.items[:k], answer.scores[:k], answer.click[:k], answer.like[:k])
         for row, request in enumerate(requests):
             if request.candidates is not None:
-                allowed = torch.zeros(n_items, dtype=torch.bool, device=self.device)
-                allowed[torch.as_tensor(request.candidates, device=self.device)] = True
-                exclude[row] |= ~allowed
-        available = (~exclude).sum(dim=1).tolist()
-        answerable = [row for row, r in enumerate(requests) if r.k <= available[row]]
-        answers: list[RankedIndices | RankRequestError] = [
-            RankRequestError(f"k={r.k} but only {available[row]} items are left to recommend")
-            for row, r in enumerate(requests)
-        ]
-        if not answerable:
-            return answers
-        # One top-k at the largest k; each row keeps its own first k (top-k is sorted).
-        k_max = max(requests[row].k for row in answerable)
-        selected = torch.as_tensor(answerable, device=self.device)
-        scores, top = kernels.retrieve_topk(
-            users[selected], self.item_vectors, self.item_bias, self.scale, k_max, exclude[selected]
+                answers[row] = self._rank_pool(users[row : row + 1], request, excluded[row])
+        return answers  # type: ignore[return-value]  # every row was answered above
+
+    def _items_left(self, excluded: torch.Tensor) -> list[int]:
+        """How many items each row may still get: the catalog less its distinct excluded items."""
+        n_items = self.item_vectors.shape[0]
+        if excluded.shape[1] == 0:
+            return [n_items] * excluded.shape[0]
+        ordered = torch.sort(excluded, dim=1).values
+        distinct = (ordered >= 0) & torch.cat(
+            [ordered.new_ones(ordered.shape[0], 1, dtype=torch.bool), ordered[:, 1:] != ordered[:, :-1]], dim=1
         )
-        chosen_users = users[selected]
-        click, like = self.model.head_logits(chosen_users.unsqueeze(1).expand(-1, k_max, -1), self.item_vectors[top])
-        click, like = torch.sigmoid(click).cpu().numpy(), torch.sigmoid(like).cpu().numpy()
-        top, scores = top.cpu().numpy(), scores.float().cpu().numpy()
-        for position, row in enumerate(answerable):
-            k = requests[row].k
-            answers[row] = RankedIndices(
-                top[position, :k], scores[position, :k], click[position, :k], like[position, :k]
-            )
-        return answers
+        return (n_items - distinct.sum(dim=1)).tolist()
+
+    def _rank_pool(
+        self, user: torch.Tensor, request: RankInput, excluded: torch.Tensor
+    ) -> RankedIndices | RankRequestError:
+        """Rank a request's own candidates (less its history): retrieval over those rows of the index."""
+        # Sorted and distinct: ties between pool rows then break by item index, as over the whole catalog.
+        pool = torch.unique(torch.as_tensor(request.candidates, device=self.device))
+        pool = pool[~torch.isin(pool, excluded[excluded >= 0])]
+        if request.k > pool.numel():
+            return RankRequestError(f"k={request.k} but only {pool.numel()} items are left to recommend")
+        scores, top = kernels.retrieve_topk(
+            user, self.item_vectors[pool].contiguous(), request.k, bias=self.item_bias[pool], scale=self.scale
+        )
+        return self._with_heads(user, scores, pool[top])[0]
+
+    def _with_heads(self, users: torch.Tensor, scores: torch.Tensor, top: torch.Tensor) -> list[RankedIndices]:
+        """Click and like probabilities of each (user, retrieved item) pair, features assembled in one pass."""
+        n_users, k = top.shape
+        user_rows = torch.arange(n_users, device=self.device).repeat_interleave(k)
+        features = kernels.head_features(users, self.item_vectors, user_rows, top.reshape(-1))
+        click, like = (torch.sigmoid(logits).reshape(n_users, k).cpu().numpy() for logits in self.model.heads(features))
+        top_np, scores_np = top.cpu().numpy(), scores.float().cpu().numpy()
+        return [RankedIndices(top_np[row], scores_np[row], click[row], like[row]) for row in range(n_users)]
 
 
 class Ranker:
@@ -200,4 +239,3 @@ class Ranker:
             for a in answers
             if isinstance(a, RankedIndices)
         ]
-

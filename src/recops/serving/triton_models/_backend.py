@@ -38,6 +38,12 @@ def bad_request(message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def server_error(message: str) -> Any:
+    """An error response with Triton's INTERNAL code (HTTP 500): the request was fine, the model failed."""
+    error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 def respond(outputs: dict[str, np.ndarray]) -> Any:
     """A response holding ``outputs`` by name."""
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])

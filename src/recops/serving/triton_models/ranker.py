@@ -1,8 +1,10 @@
 """``recops_ranker``: user vectors, top-k retrieval and the click/like heads for a whole batch.
 
 Every request Triton's dynamic batcher hands over is ranked in one pass through
-``recops.kernels`` (torch reference now, CUDA later). On a ``KIND_GPU`` instance the
-towers and the item index live on that instance's GPU.
+``recops.kernels``. On a ``KIND_GPU`` instance the towers and the item index live on that
+instance's GPU and go through the CUDA kernels when they are built (the Triton image builds them);
+the log says which. A failure while ranking answers that batch's requests with an error and leaves
+the model serving.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
 
+from recops.kernels import cuda as cuda_kernels
 from recops.serving import contract as c
 from recops.serving import repository as r
 from recops.serving.ranker import RankedIndices, RankInput, RankRequestError, Scorer
-from recops.serving.triton_models._backend import array, artifact_dir, bad_request, respond
+from recops.serving.triton_models._backend import array, artifact_dir, bad_request, respond, server_error
 from recops.training.export import load_model
 
 
@@ -39,10 +43,16 @@ class TritonPythonModel:
             # Triton's own threads and the other steps' stubs cost more than they bring.
             torch.set_num_threads(1)
         self.scorer = Scorer(load_model(artifact_dir(args), with_backbone=False), device=device)
+        if device != "cpu":
+            pb_utils.Logger.log_info(f"recops_ranker on {device}: {cuda_kernels.describe()}")
 
     def execute(self, requests: list) -> list:
         per_request = [_rank_inputs(request) for request in requests]
-        answers = self.scorer.rank([item for inputs in per_request for item in inputs])
+        try:
+            answers = self.scorer.rank([item for inputs in per_request for item in inputs])
+        except Exception as error:  # any failure: these requests get it, the model keeps serving
+            pb_utils.Logger.log_error(f"recops_ranker: ranking a batch failed: {error!r}")
+            return [server_error(f"ranking failed: {error}") for _ in requests]
         responses, start = [], 0
         for inputs in per_request:
             mine, start = answers[start : start + len(inputs)], start + len(inputs)
