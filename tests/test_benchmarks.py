@@ -67,3 +67,18 @@ def test_serving_benchmark_writes_direct_and_router_figures(tiny_model, tmp_path
     assert report["feedback"] == {**report["feedback"], "sent": 50, "logged": 50}
     assert report["feedback"]["impressions_logged"] > 0
     assert report["router_cpu_us_per_request"] > 0 and report["router_rss_mb"] > 0
+
+
+def test_kernel_benchmark_writes_both_implementations_per_configuration(tmp_path):
+    # No GPU here: --allow-cpu measures the torch reference against torch, so only the shape is checked.
+    out = tmp_path / "kernels.json"
+    report = _load("kernels").main(
+        ["--allow-cpu", "--batches", "1,4", "--items", "3000", "--dims", "16", "--k", "10", "--repeats", "2",
+         "--warmup", "1", "--dtype", "float32", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == report
+    assert [(r["users"], r["items"], r["d"]) for r in report["retrieval"]] == [(1, 3000, 16), (4, 3000, 16)]
+    for row in report["retrieval"]:
+        assert row["recops_ms"] > 0 and row["torch_ms"] > 0 and row["agree"] == 1.0  # the same items as torch
+    assert all(row["rows"] == row["users"] * 10 for row in report["features"])
+    assert set(report["meets_targets"]) == {"retrieval_speedup", "retrieval_roofline_fraction"}

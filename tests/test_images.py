@@ -651,3 +651,14 @@ def test_the_operator_image_command_starts_the_operator_cli():
     result = run([str(RECOPS), *argv[1:]], dict(os.environ), timeout=120)
     for flag in ("--liveness-port", "--metrics-port", "--namespace", "--standalone"):  # what the chart passes
         assert flag in result.stdout, flag
+
+
+def test_the_triton_image_builds_the_kernels_for_the_architectures_ci_compiles():
+    """The image's kernels stage and CI's compile (kernels/build.py, tests/test_kernels_build.py) target the
+    same GPUs, and the image checks at build time that the extension loads."""
+    text = DOCKERFILES["triton"].read_text()
+    build = (REPO / "kernels" / "build.py").read_text()
+    archs = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', text).group(1)
+    assert f'DEFAULT_ARCHS = "{archs}"' in build and archs == "8.0 9.0+PTX"
+    assert "pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels /tmp/kernels" in text
+    assert 'python3 -c "import torch, recops_kernels_cuda"' in text

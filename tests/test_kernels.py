@@ -214,23 +214,25 @@ def emulated(tmp_path_factory):
     )
 
 
+H100_SHARED = 227 * 1024  # shared memory a block may use on H100/H200 (A100: 163 KiB)
 RETRIEVAL_CASES = {
-    # name: (users B, items N, d, k, SMs: how many chunks the index is cut into)
-    "one user, one chunk": (1, 300, 64, 10, 1),
-    "several chunks": (5, 3000, 64, 50, 4),
-    "k larger than a tile": (3, 1000, 128, 300, 2),
-    "more users than a block takes": (40, 700, 32, 7, 3),
-    "k = N": (2, 257, 16, 257, 2),
-    "largest k": (2, 2300, 16, 2048, 1),
-    "rows of 9 vectors (d=72 half, 36 float)": (4, 900, 72, 20, 3),
-    "widest rows": (3, 400, 256, 16, 2),
+    # name: (users B, items N, d, k, SMs: how many chunks the index is cut into, shared memory per block)
+    "one user, one chunk": (1, 300, 64, 10, 1, H100_SHARED),
+    "several chunks": (5, 3000, 64, 50, 4, H100_SHARED),
+    "k larger than a tile": (3, 1000, 128, 300, 2, H100_SHARED),
+    "more users than a block takes": (70, 700, 32, 7, 3, H100_SHARED),
+    "groups of few users (small shared memory)": (11, 700, 64, 40, 2, 16 * 1024),
+    "k = N": (2, 257, 16, 257, 2, H100_SHARED),
+    "largest k": (2, 2300, 16, 2048, 1, H100_SHARED),
+    "rows of 9 vectors (d=72 half, 36 float)": (4, 900, 72, 20, 3, H100_SHARED),
+    "widest rows": (3, 400, 256, 16, 2, H100_SHARED),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(RETRIEVAL_CASES))
 def test_emulated_retrieval_kernel_matches_the_reference(emulated, case, dtype):
-    n_users, n_items, d, k, processors = RETRIEVAL_CASES[case]
+    n_users, n_items, d, k, processors, shared = RETRIEVAL_CASES[case]
     if dtype == torch.float32 and case.startswith("rows of 9"):
         d = 36
     if case == "widest rows":
@@ -239,7 +241,7 @@ def test_emulated_retrieval_kernel_matches_the_reference(emulated, case, dtype):
     users = torch.randn(n_users, d, generator=generator).to(dtype)
     items = torch.randn(n_items, d, generator=generator).to(dtype)
     bias = torch.randn(n_items, generator=generator)
-    got = emulated.retrieve_topk(users, items, bias, 3.0, k, processors)
+    got = emulated.retrieve_topk(users, items, bias, 3.0, k, processors, shared)
     want = reference.retrieve_topk(users, items, bias, 3.0, k)
     assert_same_ranking(got, want, users, items, bias, 3.0, atol=1e-4 * d**0.5)
 
@@ -251,7 +253,7 @@ def test_emulated_retrieval_breaks_ties_by_lower_index_like_the_reference(emulat
     items = distinct[torch.randint(0, 40, (2000,), generator=generator)].contiguous()  # duplicated rows
     users = torch.randint(-2, 3, (6, 32), generator=generator).to(dtype)
     for k in (1, 37, 600):
-        got = emulated.retrieve_topk(users, items, None, 1.0, k, 5)
+        got = emulated.retrieve_topk(users, items, None, 1.0, k, 5, H100_SHARED)
         want = reference.retrieve_topk(users, items, None, 1.0, k)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
@@ -266,7 +268,7 @@ def test_emulated_retrieval_handles_nan_infinite_and_extreme_values(emulated, dt
     bias = torch.randn(1500, generator=generator)
     bias[300], bias[301], bias[302] = float("inf"), float("-inf"), float("inf")
     users = torch.randn(3, 64, generator=generator).to(dtype)
-    got = emulated.retrieve_topk(users, items, bias, 1.0, 1500, 4)
+    got = emulated.retrieve_topk(users, items, bias, 1.0, 1500, 4, H100_SHARED)
     want = reference.retrieve_topk(users, items, bias, 1.0, 1500)
     assert got[1][:, :2].tolist() == [[300, 302]] * 3
     assert set(got[1][:, -11:].flatten().tolist()) <= {301, *range(100, 110)}
@@ -281,7 +283,7 @@ def test_emulated_retrieval_with_exclusions_matches_the_entry_point(emulated):
     exclude = torch.randint(-1, 900, (4, 25), generator=generator)
     want = kernels.retrieve_topk(users, items, 30, scale=2.0, exclude=exclude)  # the reference path, on CPU
     # What the entry point does on a GPU: the kernel's top k + E, then the exclusions dropped.
-    ranked = emulated.retrieve_topk(users, items, None, 2.0, 30 + 25, 3)
+    ranked = emulated.retrieve_topk(users, items, None, 2.0, 30 + 25, 3, 48 * 1024)
     got = kernels._drop_excluded(*ranked, exclude, 30)
     assert_same_ranking(got, want, users, items, None, 2.0)
 

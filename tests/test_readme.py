@@ -99,3 +99,14 @@ def test_the_serve_it_commands_answer_recommendations_and_count_feedback(tiny_mo
     assert json.loads(lines[1])  # the feedback answer
     clicks = [line for line in lines[2:] if 'event="click"' in line and f'arm="{answer["arm"]}"' in line]
     assert clicks and clicks[0].endswith(" 1.0")
+
+
+def test_the_gpu_commands_are_the_makefile_target_and_benchmark_the_tests_run():
+    """`make kernels` runs kernels/build.py (what tests/test_kernels_build.py runs) and installs the result;
+    the benchmark command is run on the CPU by tests/test_benchmarks.py (a GPU machine runs it as written)."""
+    block = next(b for b in _blocks("bash") if "make kernels" in b)
+    assert "benchmarks/kernels.py --out results/kernels.json" in block
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\nkernels:", 1)[1].split("\n\n", 1)[0]
+    assert "kernels/build.py --out kernels/build/lib" in recipe and "pip install" in recipe
+    assert (REPO / "benchmarks" / "kernels.py").is_file()

@@ -55,11 +55,12 @@ std::tuple<torch::Tensor, torch::Tensor> retrieve_topk(const torch::Tensor& user
     return {torch::empty({0, k}, float_options), torch::empty({0, k}, items.options().dtype(torch::kInt64))};
   }
 
-  const SharedLayout layout = plan_layout(int(n_users), int(d), int(items.element_size()), int(k));
-  const int groups = int((n_users + layout.group - 1) / layout.group);
-  int device = 0, processors = 0;
+  int device = 0, processors = 0, shared_budget = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_budget, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const SharedLayout layout = plan_layout(int(n_users), int(d), int(items.element_size()), int(k), shared_budget);
+  const int groups = int((n_users + layout.group - 1) / layout.group);
   const int64_t chunk_size = plan_chunk_size(n_items, groups, processors);
   const int64_t used_chunks = (n_items + chunk_size - 1) / chunk_size;
 
@@ -67,14 +68,16 @@ std::tuple<torch::Tensor, torch::Tensor> retrieve_topk(const torch::Tensor& user
   auto partial_indices = torch::empty({n_users, used_chunks * k}, items.options().dtype(torch::kInt32));
   const dim3 grid{static_cast<unsigned>(used_chunks), static_cast<unsigned>(groups)};
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int vectors_per_row = int(d * items.element_size() / 16);
   RECOPS_DISPATCH_STORAGE_TYPES(items.scalar_type(), "retrieve_topk", [&] {
-    auto kernel = retrieve_partial_kernel<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, layout.bytes()));
-    kernel<<<grid, kThreads, layout.bytes(), stream>>>(
-        users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), bias_data, float(scale), int(n_users),
-        int(n_items), int(d), int(chunk_size), layout, partial_scores.data_ptr<float>(),
-        partial_indices.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_kernel_for<scalar_t>(vectors_per_row, [&](auto kernel) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, layout.bytes()));
+      kernel<<<grid, kThreads, layout.bytes(), stream>>>(
+          users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), bias_data, float(scale), int(n_users),
+          int(n_items), int(d), int(chunk_size), layout, partial_scores.data_ptr<float>(),
+          partial_indices.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 
   return order_partials(partial_scores, partial_indices, used_chunks, k);

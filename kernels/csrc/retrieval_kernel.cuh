@@ -15,9 +15,23 @@ constexpr int kThreads = 256;
 constexpr int kTile = 128;                    // items scored between two looks at the buffers
 constexpr int kBuffer = 2 * kTile;            // candidates waiting per user; merged when over kTile
 constexpr int kMaxVectorsPerLane = 8;         // 8 x 16 B x 32 lanes: rows of up to 4 KiB (d = 1024 float32)
-constexpr int kMaxUsersPerBlock = 32;
-constexpr int kSharedBudget = 96 * 1024;      // two blocks per SM on A100 (164 KiB) and H100 (228 KiB)
+constexpr int kMaxUsersPerBlock = 64;
 constexpr int kEmptyIndex = INT_MAX;
+
+// Lanes that share an item row of `vectors` 16-byte vectors: a power of two, at most a warp.
+__host__ __device__ inline int lanes_per_row(int vectors) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < vectors) lanes *= 2;
+  return lanes;
+}
+
+// 16-byte vectors each lane holds: the kernel's kVectors (1, 2, 4 or 8).
+__host__ __device__ inline int vectors_per_lane(int vectors) {
+  const int lanes = lanes_per_row(vectors);
+  int per_lane = 1;
+  while (per_lane * lanes < vectors) per_lane *= 2;
+  return per_lane;
+}
 
 struct Candidate {
   float score;
@@ -67,18 +81,23 @@ __device__ void merge_candidates(Candidate* best, Candidate* next, const Candida
   __syncthreads();
 }
 
+// Shared memory of a block: the group's user vectors; the merge's scratch [next k | sorted kBuffer], used
+// by one user at a time; per user [best k | buffer kBuffer | threshold]; then the buffer counts.
 struct SharedLayout {
   int users_bytes;  // group x d values, a multiple of 16 bytes
   int group;
   int k;
 
-  __host__ __device__ int candidates_per_user() const { return 2 * k + 2 * kBuffer + 1; }
+  __host__ __device__ int scratch() const { return k + kBuffer; }
+  __host__ __device__ int candidates_per_user() const { return k + kBuffer + 1; }
   __host__ __device__ int bytes() const {
-    return users_bytes + group * (candidates_per_user() * int(sizeof(Candidate)) + int(sizeof(int)));
+    return users_bytes + (scratch() + group * candidates_per_user()) * int(sizeof(Candidate)) +
+           group * int(sizeof(int));
   }
 };
 
-template <typename scalar_t>
+// kVectors: 16-byte vectors of an item row each lane holds (a power of two, the row's width over its lanes).
+template <typename scalar_t, int kVectors>
 __global__ void __launch_bounds__(kThreads)
     retrieve_partial_kernel(const scalar_t* __restrict__ users, const scalar_t* __restrict__ items,
                             const float* __restrict__ bias, float scale, int n_users, int n_items, int d,
@@ -92,15 +111,15 @@ __global__ void __launch_bounds__(kThreads)
   const int chunk_start = blockIdx.x * chunk_size;
   const int chunk_end = min(chunk_start + chunk_size, n_items);
 
-  // Shared memory: the group's user vectors, then per user [best k | next k | buffer | sorted | threshold],
-  // then the buffer counts.
   uint4* user_vectors = reinterpret_cast<uint4*>(shared);
-  Candidate* lists = reinterpret_cast<Candidate*>(shared + layout.users_bytes);
+  Candidate* next = reinterpret_cast<Candidate*>(shared + layout.users_bytes);
+  Candidate* sorted = next + k;
+  Candidate* lists = next + layout.scratch();
   int* counts = reinterpret_cast<int*>(lists + layout.group * layout.candidates_per_user());
   const int vectors_per_row = d / Vector::kElements;
   auto best_of = [&](int g) { return lists + g * layout.candidates_per_user(); };
-  auto buffer_of = [&](int g) { return best_of(g) + 2 * k; };
-  auto threshold_of = [&](int g) { return best_of(g) + 2 * k + 2 * kBuffer; };
+  auto buffer_of = [&](int g) { return best_of(g) + k; };
+  auto threshold_of = [&](int g) { return best_of(g) + k + kBuffer; };
 
   const uint4* group_rows = reinterpret_cast<const uint4*>(users + size_t(first_user) * d);
   for (int v = threadIdx.x; v < group * vectors_per_row; v += blockDim.x) user_vectors[v] = group_rows[v];
@@ -114,8 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // L lanes per item row (a power of two, at most 32): 32 / L items per warp at a time.
-  int lanes = 1;
-  while (lanes < 32 && lanes < vectors_per_row) lanes *= 2;
+  const int lanes = lanes_per_row(vectors_per_row);
   const int lane = threadIdx.x % 32;
   const int lane_in_row = lane % lanes;
   const int rows_per_pass = (kThreads / 32) * (32 / lanes);
@@ -127,21 +145,22 @@ __global__ void __launch_bounds__(kThreads)
     for (int pass = tile; pass < tile_end; pass += rows_per_pass) {
       const int item = pass + row_in_pass;
       const bool active = item < tile_end;
-      uint4 row[kMaxVectorsPerLane];
+      // The lane's slice of the row, loaded once (16 bytes at a time) and converted to float once.
+      float row[kVectors][Vector::kElements];
       const uint4* item_row = reinterpret_cast<const uint4*>(items + size_t(active ? item : 0) * d);
 #pragma unroll
-      for (int j = 0; j < kMaxVectorsPerLane; ++j) {
+      for (int j = 0; j < kVectors; ++j) {
         const int v = lane_in_row + j * lanes;
-        row[j] = active && v < vectors_per_row ? __ldg(item_row + v) : make_uint4(0, 0, 0, 0);
+        Vector::to_floats(active && v < vectors_per_row ? __ldg(item_row + v) : make_uint4(0, 0, 0, 0), row[j]);
       }
       const float item_bias = active && bias != nullptr ? bias[item] : 0.f;
       for (int g = 0; g < group; ++g) {
         const uint4* user = user_vectors + g * vectors_per_row;
         float dot = 0.f;
 #pragma unroll
-        for (int j = 0; j < kMaxVectorsPerLane; ++j) {
+        for (int j = 0; j < kVectors; ++j) {
           const int v = lane_in_row + j * lanes;
-          if (v < vectors_per_row) dot += Vector::dot(row[j], user[v]);
+          if (v < vectors_per_row) dot += Vector::dot_floats(row[j], user[v]);
         }
         for (int offset = lanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         if (active && lane_in_row == 0) {
@@ -159,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int g = 0; g < group; ++g) {
       const int n = counts[g];
       if (n == 0 || (!last_tile && n <= kBuffer - kTile)) continue;
-      merge_candidates(best_of(g), best_of(g) + k, buffer_of(g), buffer_of(g) + kBuffer, n, k);
+      merge_candidates(best_of(g), next, buffer_of(g), sorted, n, k);
       if (threadIdx.x == 0) {
         counts[g] = 0;
         *threshold_of(g) = best_of(g)[k - 1];

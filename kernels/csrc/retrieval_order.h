@@ -11,12 +11,13 @@
 namespace recops {
 namespace retrieval {
 
-// Users per block: as many as the shared-memory budget holds, at most kMaxUsersPerBlock.
-inline SharedLayout plan_layout(int n_users, int d, int element_size, int k) {
+// Users per block: as many as `budget` bytes of shared memory hold, at most kMaxUsersPerBlock. More users
+// per block means fewer passes over the index (one per group of users).
+inline SharedLayout plan_layout(int n_users, int d, int element_size, int k, int budget) {
   SharedLayout layout{0, 1, k};
   for (int group = std::min(n_users, kMaxUsersPerBlock); group >= 1; --group) {
     layout = SharedLayout{group * d * element_size, group, k};
-    if (layout.bytes() <= kSharedBudget) return layout;
+    if (layout.bytes() <= budget) return layout;
   }
   TORCH_CHECK(false, "k=", k, " with d=", d, " does not fit the retrieval kernel's shared memory");
   return layout;
@@ -27,6 +28,17 @@ inline int64_t plan_chunk_size(int64_t n_items, int groups, int processors) {
   const int64_t max_chunks = (n_items + kTile - 1) / kTile;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(max_chunks, (4 * processors + groups - 1) / groups));
   return ((n_items + chunks - 1) / chunks + kTile - 1) / kTile * kTile;
+}
+
+// The kernel for a row width, by the number of vectors each lane holds.
+template <typename scalar_t, typename Launch>
+void with_kernel_for(int vectors_per_row, Launch launch) {
+  switch (vectors_per_lane(vectors_per_row)) {
+    case 1: launch(retrieve_partial_kernel<scalar_t, 1>); break;
+    case 2: launch(retrieve_partial_kernel<scalar_t, 2>); break;
+    case 4: launch(retrieve_partial_kernel<scalar_t, 4>); break;
+    default: launch(retrieve_partial_kernel<scalar_t, kMaxVectorsPerLane>); break;
+  }
 }
 
 // Stage 2: B x (chunks * k) partial results in the final order, the first k of each row. Each chunk's

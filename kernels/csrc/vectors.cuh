@@ -20,9 +20,11 @@ template <>
 struct Vector16<float> {
   static constexpr int kElements = 4;
 
-  __device__ __forceinline__ static float dot(const uint4& a, const uint4& b) {
-    float x[kElements], y[kElements];
-    memcpy(x, &a, sizeof(x));
+  __device__ __forceinline__ static void to_floats(const uint4& a, float* out) { memcpy(out, &a, sizeof(a)); }
+
+  // x: a vector already in float (converted once per item row), y: a stored vector.
+  __device__ __forceinline__ static float dot_floats(const float* x, const uint4& b) {
+    float y[kElements];
     memcpy(y, &b, sizeof(y));
     float sum = 0.f;
 #pragma unroll
@@ -48,17 +50,27 @@ struct PairVector16 {
   using pair_t = typename Pair::type;
   static constexpr int kElements = 8;
 
-  __device__ __forceinline__ static float dot(const uint4& a, const uint4& b) {
-    pair_t x[kElements / 2], y[kElements / 2];
+  __device__ __forceinline__ static void to_floats(const uint4& a, float* out) {
+    pair_t x[kElements / 2];
     memcpy(x, &a, sizeof(x));
+#pragma unroll
+    for (int i = 0; i < kElements / 2; ++i) {
+      const float2 p = Pair::to_float2(x[i]);
+      out[2 * i] = p.x;
+      out[2 * i + 1] = p.y;
+    }
+  }
+
+  // x: a vector already in float (converted once per item row), y: a stored vector.
+  __device__ __forceinline__ static float dot_floats(const float* x, const uint4& b) {
+    pair_t y[kElements / 2];
     memcpy(y, &b, sizeof(y));
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < kElements / 2; ++i) {
-      const float2 p = Pair::to_float2(x[i]);
       const float2 q = Pair::to_float2(y[i]);
-      sum = fmaf(p.x, q.x, sum);
-      sum = fmaf(p.y, q.y, sum);
+      sum = fmaf(x[2 * i], q.x, sum);
+      sum = fmaf(x[2 * i + 1], q.y, sum);
     }
     return sum;
   }

@@ -17,15 +17,15 @@ namespace {
 
 using namespace recops;
 
-// retrieve_topk of retrieval.cu on CPU tensors; `processors` stands for the GPU's SM count (it sets how
-// many chunks the index is cut into).
+// retrieve_topk of retrieval.cu on CPU tensors; `processors` and `shared_budget` stand for the GPU's SM
+// count (how many chunks the index is cut into) and shared memory per block (how many users a block takes).
 std::tuple<torch::Tensor, torch::Tensor> emulated_retrieve_topk(const torch::Tensor& users, const torch::Tensor& items,
                                                        const c10::optional<torch::Tensor>& bias, double scale,
-                                                       int64_t k, int64_t processors) {
+                                                       int64_t k, int64_t processors, int64_t shared_budget) {
   using namespace retrieval;
   const int64_t n_users = users.size(0), n_items = items.size(0), d = items.size(1);
-  const SharedLayout layout = plan_layout(int(n_users), int(d), int(items.element_size()), int(k));
-  TORCH_CHECK(layout.bytes() <= int(sizeof(shared)), "shared memory of the emulation exceeded");
+  TORCH_CHECK(shared_budget <= int64_t(sizeof(shared)), "the emulation has ", sizeof(shared), " bytes of shared memory");
+  const SharedLayout layout = plan_layout(int(n_users), int(d), int(items.element_size()), int(k), int(shared_budget));
   const int groups = int((n_users + layout.group - 1) / layout.group);
   const int64_t chunk_size = plan_chunk_size(n_items, groups, int(processors));
   const int64_t used_chunks = (n_items + chunk_size - 1) / chunk_size;
@@ -33,10 +33,12 @@ std::tuple<torch::Tensor, torch::Tensor> emulated_retrieve_topk(const torch::Ten
   auto partial_indices = torch::full({n_users, used_chunks * k}, -7, items.options().dtype(torch::kInt32));
   const float* bias_data = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   RECOPS_DISPATCH_STORAGE_TYPES(items.scalar_type(), "retrieve_topk", [&] {
-    emulation::launch(dim3(unsigned(used_chunks), unsigned(groups)), kThreads, [&] {
-      retrieve_partial_kernel<scalar_t>(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), bias_data,
-                                        float(scale), int(n_users), int(n_items), int(d), int(chunk_size), layout,
-                                        partial_scores.data_ptr<float>(), partial_indices.data_ptr<int>());
+    with_kernel_for<scalar_t>(int(d * items.element_size() / 16), [&](auto kernel) {
+      emulation::launch(dim3(unsigned(used_chunks), unsigned(groups)), kThreads, [&] {
+        kernel(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), bias_data, float(scale), int(n_users),
+               int(n_items), int(d), int(chunk_size), layout, partial_scores.data_ptr<float>(),
+               partial_indices.data_ptr<int>());
+      });
     });
   });
   return order_partials(partial_scores, partial_indices, used_chunks, k);
