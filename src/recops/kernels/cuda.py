@@ -55,6 +55,15 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, f"{prebuilt}, and there are no sources at {SOURCE_DIR} to build it from"
     from torch.utils import cpp_extension
 
+    from recops.kernels.toolchain import ToolchainMissing, cuda_home
+
+    try:
+        home = str(cuda_home())
+    except ToolchainMissing as error:
+        return None, f"{prebuilt}, and it cannot be compiled here: {error}"
+    os.environ.setdefault("CUDA_HOME", home)
+    if cpp_extension.CUDA_HOME is None:  # torch looks for CUDA once, when cpp_extension is first imported
+        cpp_extension.CUDA_HOME = home
     try:
         module = cpp_extension.load(
             name=MODULE,
