@@ -110,6 +110,37 @@ def export(
     console.print(f"triton repository: {out}")
 
 
+@app.command("check-features")
+def check_features_command(
+    training: Annotated[Path, typer.Option(help="Events the model was trained on (JSONL, CSV, Parquet).")],
+    online: Annotated[Path, typer.Option(help="The online log to train on next (the router's feedback log).")],
+    psi_threshold: Annotated[float, typer.Option(help="Largest population stability index per column.")] = 0.2,
+    max_out_of_range: Annotated[float, typer.Option(help="Largest share of values outside training's range.")] = 0.01,
+    max_null_change: Annotated[float, typer.Option(help="Largest change in a column's share of missing values.")] = 0.1,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the findings as JSON here.")] = None,
+) -> None:
+    """Refuse to retrain when the online log no longer matches the training data (exit 1, naming the columns)."""
+    from recops.data.feature_check import FeatureCheckConfig, check_features, read_log
+    from recops.data.io import DataFormatError
+
+    try:
+        config = FeatureCheckConfig(psi_threshold, max_out_of_range, max_null_change)
+        result = check_features(read_log(training), read_log(online), config)
+    except (ValueError, DataFormatError) as error:
+        raise _fail(str(error)) from None
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    for finding in result.findings:
+        mark = "[green]ok[/]" if finding.passed else "[bold red]MISMATCH[/]"
+        console.print(f"{mark} {finding.column} {finding.check}: {finding.detail}", highlight=False)
+    if not result.ok:
+        columns = ", ".join(sorted({f.column for f in result.failed}))
+        console.print(f"[bold red]refusing to train:[/] the online log differs from the training data in {columns}")
+        raise typer.Exit(code=1)
+    console.print(f"the online log ({result.online_rows} rows) matches the training data ({result.training_rows} rows)")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: models, logs, report.html, summary.json.")],
