@@ -52,6 +52,12 @@ def feature_schema(spec: RecModelSpec, n_items: int) -> FeatureSchema:
     )
 
 
+def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's own weights under their own names: PEFT wraps each adapted layer (``q_proj`` →
+    ``q_proj.base_layer`` + ``lora_A``/``lora_B``), names a fresh base model does not know."""
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in state.items() if ".lora_" not in name}
+
+
 def _towers_state(model: TwoTowerModel) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
 
@@ -72,7 +78,8 @@ def export_model(
     if spec.lora.enabled:
         peft_model.save_pretrained(out / "adapter")
         if include_base:
-            peft_model.get_base_model().save_pretrained(out / "base")
+            base = peft_model.get_base_model()
+            base.save_pretrained(out / "base", state_dict=_without_lora(base.state_dict()))
     elif include_base:
         peft_model.save_pretrained(out / "base")
     save_file(_towers_state(model), out / "towers.safetensors")
@@ -139,7 +146,7 @@ def load_model(directory: Path, with_backbone: bool = True) -> LoadedModel:
         use_id_embeddings=spec.training.use_id_embeddings,
     )
     if with_backbone:
-        encoder = _load_encoder(directory, spec)
+        encoder = load_encoder(directory, spec)
         model = TwoTowerModel(encoder, encoder.hidden_size, config)
     else:
         model = TwoTowerModel(None, towers["text_projection.weight"].shape[1], config)
@@ -148,7 +155,9 @@ def load_model(directory: Path, with_backbone: bool = True) -> LoadedModel:
     return LoadedModel(model, spec, items, schema, np.load(directory / "item_index.npy"))
 
 
-def _load_encoder(directory: Path, spec: RecModelSpec) -> TextEncoder:
+def load_encoder(directory: Path, spec: RecModelSpec) -> TextEncoder:
+    """The backbone of an exported model with its trained LoRA adapter (base weights from the directory
+    when it ships them, as for the random built-in backbone)."""
     backbone = json.loads((directory / "backbone.json").read_text())
     base_dir = directory / "base" if backbone["base_included"] else None
     base, tokenizer = load_base_model(spec.backbone, seed=spec.training.seed, local_dir=base_dir)

@@ -29,6 +29,7 @@ from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
 from recops.training.evaluation import evaluate
+from recops.training.warm_start import WarmStart, apply_warm_start
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -57,6 +58,7 @@ class TrainResult:
     histories: Histories
     state: TrainState
     seconds: float
+    warm_start: WarmStart | None = None
 
 
 def spec_digest(spec: RecModelSpec) -> str:
@@ -163,8 +165,13 @@ def train(
     out: Path,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     restart: bool = False,
+    warm_start: Path | None = None,
 ) -> TrainResult:
     """Train a two-tower model on ``data``; checkpoints go to ``out`` and a rerun resumes.
+
+    ``warm_start``: an exported model directory (the last revision) to start from instead of fresh
+    weights (:mod:`recops.training.warm_start`); a checkpoint in ``out`` still wins, so a retrain
+    that was interrupted resumes where it stopped.
 
     ``on_step(done, total, losses)`` is called after every step (progress bars).
     The returned model holds the weights of the epoch with the best validation
@@ -176,6 +183,11 @@ def train(
     torch.manual_seed(cfg.seed)
     device = _device(spec)
     model, tokens = build_model(spec, data)
+    started_from = None
+    if warm_start is not None:
+        started_from = apply_warm_start(model, spec, data.items["item_id"].to_list(), warm_start)
+        with torch.no_grad():  # the catalog's text through the carried-over backbone
+            model.text_cache.copy_(model.encoder.encode_all(tokens))
     model.to(device)
     optimizer = _optimizer(model, spec)
     digest = spec_digest(spec)
@@ -280,7 +292,7 @@ def train(
     if best is not None:
         model.load_state_dict(best, strict=False)
     model.eval()
-    return TrainResult(model, tokens, histories, state, time.perf_counter() - started)
+    return TrainResult(model, tokens, histories, state, time.perf_counter() - started, started_from)
 
 
 def _catalog_softmax_loss(
