@@ -75,7 +75,7 @@ def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
     assert psi > 1 and {value for value, _, _ in moved} >= {"b", "c"}
 
 
-@pytest.mark.parametrize("field", ["psi_threshold", "max_out_of_range", "max_null_change"])
+@pytest.mark.parametrize("field", ["psi_threshold", "max_out_of_range", "max_null_change", "range_margin"])
 def test_thresholds_must_be_finite_and_not_negative(field):
     with pytest.raises(ValueError, match=f"{field} must be a finite number >= 0, got -1"):
         FeatureCheckConfig(**{field: -1})

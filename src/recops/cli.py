@@ -110,13 +110,25 @@ def export(
     console.print(f"triton repository: {out}")
 
 
+# The feature check's thresholds (recops.data.feature_check.FeatureCheckConfig), for check-features and retrain.
+PsiThreshold = Annotated[float, typer.Option(help="Largest population stability index per column.")]
+MaxOutOfRange = Annotated[float, typer.Option(help="Largest share of values outside training's range.")]
+MaxNullChange = Annotated[float, typer.Option(help="Largest change in a column's share of missing values.")]
+
+
+def _print_findings(findings) -> None:
+    for finding in findings:
+        mark = "[green]ok[/]" if finding.passed else "[bold red]MISMATCH[/]"
+        console.print(f"{mark} {finding.column} {finding.check}: {finding.detail}", highlight=False)
+
+
 @app.command("check-features")
 def check_features_command(
     training: Annotated[Path, typer.Option(help="Events the model was trained on (JSONL, CSV, Parquet).")],
     online: Annotated[Path, typer.Option(help="The online log to train on next (the router's feedback log).")],
-    psi_threshold: Annotated[float, typer.Option(help="Largest population stability index per column.")] = 0.2,
-    max_out_of_range: Annotated[float, typer.Option(help="Largest share of values outside training's range.")] = 0.01,
-    max_null_change: Annotated[float, typer.Option(help="Largest change in a column's share of missing values.")] = 0.1,
+    psi_threshold: PsiThreshold = 0.2,
+    max_out_of_range: MaxOutOfRange = 0.01,
+    max_null_change: MaxNullChange = 0.1,
     report: Annotated[Path | None, typer.Option("--report", help="Write the findings as JSON here.")] = None,
 ) -> None:
     """Refuse to retrain when the online log no longer matches the training data (exit 1, naming the columns)."""
@@ -131,14 +143,47 @@ def check_features_command(
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    for finding in result.findings:
-        mark = "[green]ok[/]" if finding.passed else "[bold red]MISMATCH[/]"
-        console.print(f"{mark} {finding.column} {finding.check}: {finding.detail}", highlight=False)
+    _print_findings(result.findings)
     if not result.ok:
         columns = ", ".join(sorted({f.column for f in result.failed}))
         console.print(f"[bold red]refusing to train:[/] the online log differs from the training data in {columns}")
         raise typer.Exit(code=1)
     console.print(f"the online log ({result.online_rows} rows) matches the training data ({result.training_rows} rows)")
+
+
+@app.command()
+def retrain(
+    file: SpecFile,
+    previous: Annotated[Path, typer.Option(help="The last revision's model directory (train --out DIR).")],
+    feedback: Annotated[Path, typer.Option(help="The router's feedback log (JSONL), events since that revision.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of the new revision.")],
+    psi_threshold: PsiThreshold = 0.2,
+    max_out_of_range: MaxOutOfRange = 0.01,
+    max_null_change: MaxNullChange = 0.1,
+) -> None:
+    """The next revision: check the feedback log, merge it with the training events, train from --previous."""
+    spec = _read_spec(file)
+    from recops.data.feature_check import FeatureCheckConfig
+    from recops.data.io import DataFormatError
+    from recops.training.retrain import RetrainRefused, run_retrain
+    from recops.training.run import TrainingFailed
+
+    try:
+        config = FeatureCheckConfig(psi_threshold, max_out_of_range, max_null_change)
+        record = run_retrain(spec, previous, feedback, out, config)
+    except RetrainRefused as refused:
+        _print_findings(refused.report.failed)
+        console.print(f"[bold red]refusing to train:[/] {refused} (report: {out / 'retrain.json'})")
+        raise typer.Exit(code=1) from None
+    except (ValueError, DataFormatError, TrainingFailed) as error:
+        raise _fail(str(error)) from None
+    counts = record["events"]
+    console.print(
+        f"events: {counts['training']} training + {counts['feedback']} feedback - {counts['duplicates']} "
+        f"logged twice = {counts['merged']}; warm start from {previous}"
+    )
+    _print_metrics(record["metrics"])
+    console.print(f"model: {out}\nreport: {out / 'report.html'}")
 
 
 @app.command()

@@ -7,7 +7,9 @@ training events, column by column, and refuses on a mismatch with a report namin
 - **columns**: every training column is present online (an absent one would be read as nulls);
 - **dtypes**: each column has the same kind of values (numbers, text, booleans);
 - **nulls**: the share of missing values has not moved by more than ``max_null_change``;
-- **ranges**: numeric values stay within the training range (at most ``max_out_of_range`` outside);
+- **ranges**: numeric values stay within the training range widened by ``range_margin`` of its span on
+  each side (new items bring new prices; a unit change, cents for euros, lands far outside): at most
+  ``max_out_of_range`` of the values outside;
 - **distributions**: the population stability index (PSI) of each column against training stays under
   ``psi_threshold``: over its values for categorical columns, over ten training-quantile bins for
   numeric ones, and over the *shape* of identifiers (``P00017`` → ``A99999``) for high-cardinality text,
@@ -41,9 +43,10 @@ class FeatureCheckConfig:
     psi_threshold: float = 0.2
     max_out_of_range: float = 0.01
     max_null_change: float = 0.1
+    range_margin: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("psi_threshold", "max_out_of_range", "max_null_change"):
+        for name in ("psi_threshold", "max_out_of_range", "max_null_change", "range_margin"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -167,10 +170,12 @@ def _check_column(column: str, train: pl.Series, online: pl.Series, config: Feat
 
 def _range_finding(column: str, train: pl.Series, online: pl.Series, config: FeatureCheckConfig) -> Finding:
     low, high = train.min(), train.max()
-    outside = float(((online < low) | (online > high)).mean())
+    margin = (high - low) * config.range_margin
+    outside = float(((online < low - margin) | (online > high + margin)).mean())
     return Finding(column, "range", outside <= config.max_out_of_range,
-                   f"{outside:.1%} of online values outside the training range [{low}, {high}] "
-                   f"(online: [{online.min()}, {online.max()}])", outside, config.max_out_of_range)
+                   f"{outside:.1%} of online values outside the training range [{low}, {high}] widened by "
+                   f"{config.range_margin:.0%} (online: [{online.min()}, {online.max()}])",
+                   outside, config.max_out_of_range)
 
 
 def _quantile_edges(values: pl.Series) -> list[float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.progress import (
@@ -30,6 +31,7 @@ from recops.training.evaluation import evaluate
 from recops.training.export import export_model
 from recops.training.report import write_report
 from recops.training.trainer import CheckpointMismatch, ModelScorer, TrainResult, train
+from recops.training.warm_start import WarmStartMismatch
 
 
 class TrainingFailed(RuntimeError):
@@ -61,7 +63,9 @@ def progress_bar(description: str) -> Progress:
     )
 
 
-def train_with_progress(spec: RecModelSpec, data: InteractionData, out: Path, restart: bool = False) -> TrainResult:
+def train_with_progress(
+    spec: RecModelSpec, data: InteractionData, out: Path, restart: bool = False, warm_start: Path | None = None
+) -> TrainResult:
     """Train with a progress bar showing the step, the loss and the time left."""
     with progress_bar("train") as progress:
         task = progress.add_task("train two-tower", total=None, status="")
@@ -70,8 +74,8 @@ def train_with_progress(spec: RecModelSpec, data: InteractionData, out: Path, re
             progress.update(task, completed=done, total=total, status=f"loss {losses['loss']:.3f}")
 
         try:
-            return train(spec, data, out, on_step=on_step, restart=restart)
-        except (CheckpointMismatch, BackboneError) as error:
+            return train(spec, data, out, on_step=on_step, restart=restart, warm_start=warm_start)
+        except (CheckpointMismatch, BackboneError, WarmStartMismatch) as error:
             raise TrainingFailed(str(error)) from error
 
 
@@ -81,15 +85,19 @@ def run_training(
     restart: bool = False,
     baselines: Sequence[str] = ("pop", "itemcf", "ease", "tfidf"),
     data: InteractionData | None = None,
+    warm_start: Path | None = None,
 ) -> dict:
-    """Train, evaluate, export and report; returns the summary also written to ``metrics.json``."""
+    """Train, evaluate, export and report; returns the summary also written to ``metrics.json``.
+
+    ``warm_start``: the last revision's model directory, to continue from (``recops retrain``).
+    """
     started = time.perf_counter()
     if data is None:
         try:
             data = prepare(spec.data, seed=spec.training.seed)
         except (DataFormatError, ValueError) as error:
             raise TrainingFailed(str(error)) from error
-    result = train_with_progress(spec, data, out, restart=restart)
+    result = train_with_progress(spec, data, out, restart=restart, warm_start=warm_start)
     model_metrics = {
         **evaluate(ModelScorer(result.model, result.histories), data, seed=spec.training.seed),
         "train_seconds": result.seconds,
@@ -100,6 +108,7 @@ def run_training(
         "drops": data.drops,
         "metrics": models,
         "best_epoch": result.state.best_epoch,
+        "warm_start": asdict(result.warm_start) if result.warm_start else None,
         "valid": result.state.valid,
         "seconds": time.perf_counter() - started,
     }

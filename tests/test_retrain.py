@@ -1,0 +1,100 @@
+"""`recops retrain`: the feedback the router logged becomes training data for the next revision, each event
+once (the counts add up), trained from the last revision; a feedback log that no longer matches the
+training data is refused before anything is trained."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from recops.cli import app
+from recops.data.io import write_events, write_items
+from recops.data.synthetic import SyntheticConfig, generate
+from recops.training.retrain import EVENT_KEY, merge_event_logs
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """A shop's log cut in time: the first 70% trained revision 1; the rest is what the router logged since,
+    with 25 events of the training log logged again (a replayed file)."""
+    folder = tmp_path_factory.mktemp("shop")
+    dataset = generate(SyntheticConfig(n_users=150, n_items=80, days=10, seed=4))
+    events = dataset.events.sort("timestamp")
+    cut = int(events.height * 0.7)
+    training, since = events.head(cut), events.tail(events.height - cut)
+    write_events(training, folder / "events.jsonl")
+    write_items(dataset.items, folder / "items.parquet")
+    feedback = pl.concat([since, training.sample(25, seed=3)])
+    feedback.write_ndjson(folder / "feedback.jsonl")
+    spec = {
+        "apiVersion": "recops.dev/v1alpha1", "kind": "RecModel", "metadata": {"name": "shop"},
+        "spec": {
+            "data": {"events": f"file://{folder / 'events.jsonl'}", "items": f"file://{folder / 'items.parquet'}"},
+            "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 32, "textItemsPerStep": 8},
+        },
+    }
+    (folder / "recmodel.yaml").write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", "-f", str(folder / "recmodel.yaml"), "--out", str(folder / "rev1"),
+                                 "--baselines", ""])
+    assert result.exit_code == 0, result.output
+    return folder, training, since
+
+
+def test_merging_keeps_every_event_once():
+    base = pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i1"], "event": ["click", "impression"],
+                         "timestamp": [10, 11], "request_id": ["r1", "r2"]})
+    again = pl.DataFrame({"user_id": ["u2", "u3"], "item_id": ["i1", "i2"], "event": ["impression", "like"],
+                          "timestamp": [11, 12], "request_id": ["r2", "r3"], "device": ["ios", "web"]})
+    merged = merge_event_logs(base, again)
+    assert merged.counts() == {"training": 2, "feedback": 2, "duplicates": 1, "merged": 3}
+    assert merged.events["user_id"].to_list() == ["u1", "u2", "u3"]
+    assert merged.events["device"].to_list() == [None, None, "web"]
+
+
+def test_feedback_becomes_training_data_of_the_next_revision(shop):
+    folder, training, since = shop
+    out = folder / "rev2"
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(folder / "rev1"),
+                                 "--feedback", str(folder / "feedback.jsonl"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "retrain.json").read_text())
+    # No event lost, none used twice: the 25 replayed training events count once, as do the events the
+    # generator writes twice on purpose (cleaning's "duplicate" reason).
+    distinct = pl.concat([training, since]).unique(subset=list(EVENT_KEY)).height
+    twice = training.height + since.height + 25 - distinct
+    assert twice >= 25
+    assert record["events"] == {"training": training.height, "feedback": since.height + 25, "duplicates": twice,
+                                "merged": distinct}
+    assert f"{training.height} training + {since.height + 25} feedback - {twice} logged twice" in result.output
+    merged = pl.read_parquet(out / "data" / "events.parquet")
+    assert merged.height == distinct and merged.unique(subset=list(EVENT_KEY)).height == distinct
+    assert record["check"]["ok"] and record["warm_start"]["items_kept"] > 0 and record["warm_start"]["backbone"]
+    assert (out / "towers.safetensors").is_file() and "recall@20" in record["metrics"]["twotower"]
+
+
+def test_a_feedback_log_that_no_longer_matches_is_refused_before_training(shop, tmp_path):
+    folder, _, since = shop
+    since.with_columns(pl.col("item_id").str.replace(r"^\D+0*", "")).write_ndjson(tmp_path / "feedback.jsonl")
+    out = tmp_path / "rev2"
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(folder / "rev1"),
+                                 "--feedback", str(tmp_path / "feedback.jsonl"), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "refusing to train: the feedback log differs from the training data in item_id" in result.output
+    assert json.loads((out / "retrain.json").read_text())["check"]["failed_columns"] == ["item_id"]
+    assert not (out / "towers.safetensors").exists()
+
+
+def test_a_previous_revision_that_is_not_a_model_is_a_clear_error(shop, tmp_path):
+    folder, _, _ = shop
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(tmp_path),
+                                 "--feedback", str(folder / "feedback.jsonl"), "--out", str(tmp_path / "rev2")])
+    assert result.exit_code == 2 and "not an exported model directory" in result.output, result.output
