@@ -103,10 +103,10 @@ def _structural(node: Any, *, in_union: bool = False) -> Any:
         return node
     # additionalProperties: false (extra="forbid") is left to the apiserver's strict field validation,
     # which names the unknown field; a CRD schema may not combine it with properties.
+    if "anyOf" in node:  # first: an optional model's branch brings its own keys (additionalProperties too)
+        node = _without_null_branch(node)
     node = {key: value for key, value in node.items()
             if key not in _DROPPED_KEYS and not (key == "additionalProperties" and value is False)}
-    if "anyOf" in node:
-        node = _without_null_branch(node)
     if "oneOf" in node:
         return _structural(_merge_union(node), in_union=True)
     if "const" in node:

@@ -179,6 +179,19 @@ class ServingSpec(SpecModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 
+class DistillationSpec(SpecModel):
+    """Train this model (the student) on a teacher's soft click and like scores as well as the labels."""
+
+    teacher: str = Field(
+        ..., min_length=1, max_length=2048,
+        description="The teacher's exported model directory (file:// or pvc://claim/path URI).",
+    )
+    temperature: float = Field(2.0, gt=0, le=100, description="Softens both sides' logits (divided by it).")
+    weight: float = Field(
+        0.5, ge=0, le=1, description="Share of the teacher's soft targets in the click and like losses."
+    )
+
+
 class RecModelSpec(SpecModel):
     """``spec`` of a RecModel."""
 
@@ -187,3 +200,6 @@ class RecModelSpec(SpecModel):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    distillation: DistillationSpec | None = Field(
+        None, description="Learn from a bigger teacher's scores (knowledge distillation)."
+    )

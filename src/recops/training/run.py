@@ -23,10 +23,11 @@ from rich.progress import (
 
 from recops.api.recmodel import RecModelSpec
 from recops.data.interactions import InteractionData
-from recops.data.io import DataFormatError
+from recops.data.io import DataFormatError, resolve_uri
 from recops.data.prepare import prepare
 from recops.models.backbone import BackboneError
 from recops.models.baselines import make_baseline
+from recops.training.distillation import TeacherError
 from recops.training.evaluation import evaluate
 from recops.training.export import export_model
 from recops.training.report import write_report
@@ -75,7 +76,7 @@ def train_with_progress(
 
         try:
             return train(spec, data, out, on_step=on_step, restart=restart, warm_start=warm_start)
-        except (CheckpointMismatch, BackboneError, WarmStartMismatch) as error:
+        except (CheckpointMismatch, BackboneError, WarmStartMismatch, TeacherError) as error:
             raise TrainingFailed(str(error)) from error
 
 
@@ -109,6 +110,7 @@ def run_training(
         "metrics": models,
         "best_epoch": result.state.best_epoch,
         "warm_start": asdict(result.warm_start) if result.warm_start else None,
+        "teacher": _teacher_summary(spec),
         "valid": result.state.valid,
         "seconds": time.perf_counter() - started,
     }
@@ -124,3 +126,17 @@ def run_training(
     )
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _teacher_summary(spec: RecModelSpec) -> dict | None:
+    """The teacher's own evaluation beside the student's (what it reported when it was trained)."""
+    if spec.distillation is None:
+        return None
+    metrics_file = Path(resolve_uri(spec.distillation.teacher)) / "metrics.json"
+    reported = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {
+        "artifact": spec.distillation.teacher,
+        "metrics": reported.get("metrics", {}).get("twotower"),
+        "temperature": spec.distillation.temperature,
+        "weight": spec.distillation.weight,
+    }

@@ -28,6 +28,7 @@ from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
 from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
+from recops.training.distillation import Teacher, distilled_bce, load_teacher
 from recops.training.evaluation import evaluate
 from recops.training.warm_start import WarmStart, apply_warm_start
 
@@ -197,6 +198,9 @@ def train(
         state, best = _load_checkpoint(checkpoint, model, optimizer, digest)
 
     histories = history_matrix(data.train, data.n_users, spec.data.history_length)
+    teacher = None
+    if spec.distillation is not None:
+        teacher = load_teacher(spec.distillation, data.items["item_id"].to_list(), histories).to(device)
     hist_items = torch.as_tensor(histories.items, device=device)
     hist_mask = torch.as_tensor(histories.mask, device=device)
     pos_users = data.train[USER_IDX].to_numpy()
@@ -254,7 +258,9 @@ def train(
                     retrieval = _catalog_softmax_loss(model, user_vec, vectors, items, excluded)
                 else:
                     retrieval = _in_batch_softmax_loss(model, user_vec, vectors, items)
-                click_loss, like_loss = _head_losses(model, user_vec, vectors, items, neg_items, likes)
+                click_loss, like_loss = _head_losses(
+                    model, user_vec, vectors, items, neg_items, likes, teacher, users
+                )
                 weights = cfg.loss_weights
                 loss = weights.retrieval * retrieval + weights.click * click_loss + weights.like * like_loss
 
@@ -320,14 +326,26 @@ def _head_losses(
     items: torch.Tensor,
     negatives: torch.Tensor,
     likes: torch.Tensor,
+    teacher: Teacher | None = None,
+    user_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Click and like BCE: column 0 is each positive, columns 1..k its user's negatives (same user vector)."""
-    head_items = vectors[torch.cat([items.unsqueeze(1), negatives], dim=1)]
+    """Click and like BCE: column 0 is each positive, columns 1..k its user's negatives (same user vector).
+
+    With a ``teacher`` (distillation), each loss also pulls towards the teacher's softened scores.
+    """
+    pair_items = torch.cat([items.unsqueeze(1), negatives], dim=1)
+    head_items = vectors[pair_items]
     click_logit, like_logit = model.head_logits(users.unsqueeze(1).expand_as(head_items), head_items)
-    click_label = torch.zeros_like(click_logit)
+    click_label = torch.zeros_like(click_logit, dtype=torch.float32)
     click_label[:, 0] = 1.0
-    like_label = torch.zeros_like(like_logit)
+    like_label = torch.zeros_like(like_logit, dtype=torch.float32)
     like_label[:, 0] = likes
+    if teacher is not None and user_idx is not None:
+        teacher_click, teacher_like, known = teacher.logits(user_idx, pair_items)
+        return (
+            distilled_bce(click_logit.float(), click_label, teacher_click, known, teacher.spec),
+            distilled_bce(like_logit.float(), like_label, teacher_like, known, teacher.spec),
+        )
     return (
         F.binary_cross_entropy_with_logits(click_logit.float(), click_label),
         F.binary_cross_entropy_with_logits(like_logit.float(), like_label),

@@ -1,0 +1,92 @@
+"""Knowledge distillation: a student learns from a teacher's click and like scores as well as the labels.
+
+The seed served a 72B teacher through a 1.8B student. Here the teacher is any exported recops model;
+the student is what ``spec`` describes (typically a smaller backbone). For each pair the student's
+head sees in training (the positive and its negatives), the teacher's logits z_t give soft targets
+sigmoid(z_t / T), and each head's loss becomes
+
+    (1 - w) * BCE(z_s, label) + w * T² * BCE(z_s / T, sigmoid(z_t / T))
+
+(the T² keeps the soft term's gradients on the scale of the hard one's, as in Hinton et al.). The
+teacher reads the student's users through its own towers: their histories are mapped to the teacher's
+item rows by item id; pairs with an item the teacher does not know keep the hard loss only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from recops.api.recmodel import DistillationSpec
+from recops.data.features import Histories
+from recops.data.io import resolve_uri
+from recops.kernels import head_features
+from recops.models.two_tower import TwoTowerModel
+from recops.training.export import load_model
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be used (missing, or it shares no item with the student)."""
+
+
+@dataclass
+class Teacher:
+    """The teacher's towers over the student's users and items (rows in the student's item order)."""
+
+    model: TwoTowerModel
+    user_vectors: torch.Tensor  # student users × teacher d
+    item_vectors: torch.Tensor  # student items × teacher d (zero rows for items the teacher lacks)
+    known: torch.Tensor  # bool per student item: the teacher has it
+    spec: DistillationSpec
+
+    @torch.no_grad()
+    def logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher click and like logits of ``users`` (B) against ``items`` (B × K), and the known-pair mask."""
+        rows = users.unsqueeze(1).expand_as(items)
+        features = head_features(self.user_vectors[rows], self.item_vectors[items])
+        click, like = self.model.heads(features)
+        return click.float(), like.float(), self.known[items]
+
+    def to(self, device: torch.device) -> Teacher:
+        self.model.to(device)
+        self.user_vectors, self.item_vectors = self.user_vectors.to(device), self.item_vectors.to(device)
+        self.known = self.known.to(device)
+        return self
+
+
+def load_teacher(spec: DistillationSpec, item_ids: list[str], histories: Histories) -> Teacher:
+    """The teacher of ``spec`` read for the student's catalog ``item_ids`` and users' ``histories``."""
+    directory = Path(resolve_uri(spec.teacher))
+    if not (directory / "towers.safetensors").is_file():
+        raise TeacherError(f"spec.distillation.teacher: {directory} is not an exported model directory")
+    loaded = load_model(directory, with_backbone=False)
+    teacher_row = {item_id: row for row, item_id in enumerate(loaded.item_ids)}
+    rows = torch.tensor([teacher_row.get(item_id, -1) for item_id in item_ids])
+    known = rows >= 0
+    if not bool(known.any()):
+        raise TeacherError(f"spec.distillation.teacher: {directory} knows none of the student's items")
+    index = torch.as_tensor(loaded.item_index)
+    item_vectors = torch.zeros(len(item_ids), index.shape[1])
+    item_vectors[known] = index[rows[known]]
+    history = torch.as_tensor(histories.items)
+    mapped = rows[history]
+    mask = torch.as_tensor(histories.mask) & (mapped >= 0)
+    with torch.no_grad():
+        user_vectors = loaded.model.user_vectors(index, mapped.clamp(min=0), mask)
+    return Teacher(loaded.model, user_vectors, item_vectors, known, spec)
+
+
+def distilled_bce(
+    student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, known: torch.Tensor, spec: DistillationSpec
+) -> torch.Tensor:
+    """(1 - w) · BCE on the labels + w · T² · BCE on the teacher's softened scores (known pairs only)."""
+    hard = F.binary_cross_entropy_with_logits(student, labels)
+    if not bool(known.any()):
+        return hard
+    t = spec.temperature
+    soft_targets = torch.sigmoid(teacher / t)
+    soft = F.binary_cross_entropy_with_logits(student[known] / t, soft_targets[known]) * t * t
+    return (1 - spec.weight) * hard + spec.weight * soft
