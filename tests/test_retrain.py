@@ -5,6 +5,10 @@ training data is refused before anything is trained."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -18,32 +22,36 @@ from recops.training.retrain import EVENT_KEY, merge_event_logs
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    """A shop's log cut in time: the first 70% trained revision 1; the rest is what the router logged since,
-    with 25 events of the training log logged again (a replayed file)."""
+    """A shop's log cut in time, laid out as the README's retrain commands expect: the first 70% trained
+    runs/v1 (data/events.jsonl); the rest is what the router logged since (feedback.jsonl), with 25 events of
+    the training log logged again (a replayed file)."""
     folder = tmp_path_factory.mktemp("shop")
     dataset = generate(SyntheticConfig(n_users=150, n_items=80, days=10, seed=4))
     events = dataset.events.sort("timestamp")
     cut = int(events.height * 0.7)
     training, since = events.head(cut), events.tail(events.height - cut)
-    write_events(training, folder / "events.jsonl")
-    write_items(dataset.items, folder / "items.parquet")
+    (folder / "data").mkdir()
+    write_events(training, folder / "data" / "events.jsonl")
+    write_items(dataset.items, folder / "data" / "items.parquet")
     feedback = pl.concat([since, training.sample(25, seed=3)])
     feedback.write_ndjson(folder / "feedback.jsonl")
     spec = {
         "apiVersion": "recops.dev/v1alpha1", "kind": "RecModel", "metadata": {"name": "shop"},
         "spec": {
-            "data": {"events": f"file://{folder / 'events.jsonl'}", "items": f"file://{folder / 'items.parquet'}"},
+            "data": {"events": f"file://{folder / 'data' / 'events.jsonl'}",
+                     "items": f"file://{folder / 'data' / 'items.parquet'}"},
             "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
             "lora": {"r": 4, "alpha": 8},
             "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 32, "textItemsPerStep": 8},
         },
     }
     (folder / "recmodel.yaml").write_text(yaml.safe_dump(spec))
-    result = runner.invoke(app, ["train", "-f", str(folder / "recmodel.yaml"), "--out", str(folder / "rev1"),
+    result = runner.invoke(app, ["train", "-f", str(folder / "recmodel.yaml"), "--out", str(folder / "runs" / "v1"),
                                  "--baselines", ""])
     assert result.exit_code == 0, result.output
     return folder, training, since
@@ -61,11 +69,16 @@ def test_merging_keeps_every_event_once():
 
 
 def test_feedback_becomes_training_data_of_the_next_revision(shop):
+    """The README's two commands, run by bash as written in the shop's folder."""
     folder, training, since = shop
-    out = folder / "rev2"
-    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(folder / "rev1"),
-                                 "--feedback", str(folder / "feedback.jsonl"), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if "recops retrain" in b)
+    recops = str(Path(sys.executable).parent / "recops")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.replace(".venv/bin/recops", recops)],
+                            cwd=folder, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((folder / "check.json").read_text())["ok"] is True
+    out = folder / "runs" / "v2"
+    output = result.stderr
     record = json.loads((out / "retrain.json").read_text())
     # No event lost, none used twice: the 25 replayed training events count once, as do the events the
     # generator writes twice on purpose (cleaning's "duplicate" reason).
@@ -74,7 +87,7 @@ def test_feedback_becomes_training_data_of_the_next_revision(shop):
     assert twice >= 25
     assert record["events"] == {"training": training.height, "feedback": since.height + 25, "duplicates": twice,
                                 "merged": distinct}
-    assert f"{training.height} training + {since.height + 25} feedback - {twice} logged twice" in result.output
+    assert f"{training.height} training + {since.height + 25} feedback - {twice} logged twice" in output
     merged = pl.read_parquet(out / "data" / "events.parquet")
     assert merged.height == distinct and merged.unique(subset=list(EVENT_KEY)).height == distinct
     assert record["check"]["ok"] and record["warm_start"]["items_kept"] > 0 and record["warm_start"]["backbone"]
@@ -85,8 +98,9 @@ def test_a_feedback_log_that_no_longer_matches_is_refused_before_training(shop, 
     folder, _, since = shop
     since.with_columns(pl.col("item_id").str.replace(r"^\D+0*", "")).write_ndjson(tmp_path / "feedback.jsonl")
     out = tmp_path / "rev2"
-    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(folder / "rev1"),
-                                 "--feedback", str(tmp_path / "feedback.jsonl"), "--out", str(out)])
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous",
+                                 str(folder / "runs" / "v1"), "--feedback", str(tmp_path / "feedback.jsonl"),
+                                 "--out", str(out)])
     assert result.exit_code == 1, result.output
     assert "refusing to train: the feedback log differs from the training data in item_id" in result.output
     assert json.loads((out / "retrain.json").read_text())["check"]["failed_columns"] == ["item_id"]
