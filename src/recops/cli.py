@@ -64,6 +64,8 @@ def train(
         summary = run_training(spec, out, restart=restart, baselines=names)
     except TrainingFailed as error:
         raise _fail(str(error)) from None
+    if "metrics" not in summary:  # a torchrun worker other than rank 0: rank 0 exports and reports
+        return
     _print_metrics(summary["metrics"])
     console.print(f"model: {out}\nreport: {out / 'report.html'}")
     # The trainer image's termination message: the operator copies it into the RecModel status.

@@ -28,10 +28,11 @@ from recops.data.prepare import prepare
 from recops.models.backbone import BackboneError
 from recops.models.baselines import make_baseline
 from recops.training.distillation import TeacherError
+from recops.training.distributed import start, stop, world_from_env
 from recops.training.evaluation import evaluate
 from recops.training.export import export_model
 from recops.training.report import write_report
-from recops.training.trainer import CheckpointMismatch, ModelScorer, TrainResult, train
+from recops.training.trainer import CheckpointMismatch, ModelScorer, TrainResult, train, training_device
 from recops.training.warm_start import WarmStartMismatch
 
 
@@ -51,7 +52,7 @@ def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 
     return results
 
 
-def progress_bar(description: str) -> Progress:
+def progress_bar(description: str, disable: bool = False) -> Progress:
     """The progress bar long steps show (rich; quiet when output is not a terminal)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -61,14 +62,20 @@ def progress_bar(description: str) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=False,
+        disable=disable,
     )
 
 
 def train_with_progress(
-    spec: RecModelSpec, data: InteractionData, out: Path, restart: bool = False, warm_start: Path | None = None
+    spec: RecModelSpec,
+    data: InteractionData,
+    out: Path,
+    restart: bool = False,
+    warm_start: Path | None = None,
+    show: bool = True,
 ) -> TrainResult:
-    """Train with a progress bar showing the step, the loss and the time left."""
-    with progress_bar("train") as progress:
+    """Train with a progress bar showing the step, the loss and the time left (``show=False``: without)."""
+    with progress_bar("train", disable=not show) as progress:
         task = progress.add_task("train two-tower", total=None, status="")
 
         def on_step(done: int, total: int, losses: dict[str, float]) -> None:
@@ -98,7 +105,14 @@ def run_training(
             data = prepare(spec.data, seed=spec.training.seed)
         except (DataFormatError, ValueError) as error:
             raise TrainingFailed(str(error)) from error
-    result = train_with_progress(spec, data, out, restart=restart, warm_start=warm_start)
+    world = world_from_env()
+    start(world, training_device(spec, world))
+    try:
+        result = train_with_progress(spec, data, out, restart=restart, warm_start=warm_start, show=world.is_main)
+    finally:
+        stop(world)
+    if not world.is_main:  # rank 0 evaluates, exports and reports
+        return {"rank": world.rank, "seconds": time.perf_counter() - started}
     model_metrics = {
         **evaluate(ModelScorer(result.model, result.histories), data, seed=spec.training.seed),
         "train_seconds": result.seconds,
@@ -109,6 +123,7 @@ def run_training(
         "drops": data.drops,
         "metrics": models,
         "best_epoch": result.state.best_epoch,
+        "processes": world.size,  # torchrun's WORLD_SIZE: each process trained on its shard of every batch
         "warm_start": asdict(result.warm_start) if result.warm_start else None,
         "teacher": _teacher_summary(spec),
         "valid": result.state.valid,

@@ -16,19 +16,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recops.api.recmodel import RecModelSpec
+from recops.api.recmodel import LossWeights, RecModelSpec
 from recops.data.features import Histories, history_matrix
 from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
 from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
 from recops.training.distillation import Teacher, distilled_bce, load_teacher
+from recops.training.distributed import World, barrier, stepper, world_from_env
 from recops.training.evaluation import evaluate
 from recops.training.warm_start import WarmStart, apply_warm_start
 
@@ -70,8 +72,11 @@ def spec_digest(spec: RecModelSpec) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _device(spec: RecModelSpec) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and spec.training.resources.gpu > 0 else "cpu")
+def training_device(spec: RecModelSpec, world: World | None = None) -> torch.device:
+    """The GPU of this process (``LOCAL_RANK`` under torchrun) when the spec asks for GPUs, else the CPU."""
+    if torch.cuda.is_available() and spec.training.resources.gpu > 0:
+        return torch.device("cuda", world.local_rank if world is not None else 0)
+    return torch.device("cpu")
 
 
 class ModelScorer:
@@ -170,6 +175,9 @@ def train(
 ) -> TrainResult:
     """Train a two-tower model on ``data``; checkpoints go to ``out`` and a rerun resumes.
 
+    Under ``torchrun`` each process trains on its shard of every batch with DDP
+    (:mod:`recops.training.distributed`); rank 0 writes the checkpoints.
+
     ``warm_start``: an exported model directory (the last revision) to start from instead of fresh
     weights (:mod:`recops.training.warm_start`); a checkpoint in ``out`` still wins, so a retrain
     that was interrupted resumes where it stopped.
@@ -180,9 +188,10 @@ def train(
     """
     started = time.perf_counter()
     cfg = spec.training
+    world = world_from_env()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = _device(spec)
+    device = training_device(spec, world)
     model, tokens = build_model(spec, data)
     started_from = None
     if warm_start is not None:
@@ -215,9 +224,13 @@ def train(
     # The user's other training positives are not negatives of this target: they leave the softmax.
     known = data.train_matrix().tocsr() if full_softmax else None
     steps_per_epoch = max(1, math.ceil(len(pos_users) / cfg.batch_size))
+    if world.size > 1 and len(pos_users) % cfg.batch_size and len(pos_users) % cfg.batch_size < world.size:
+        steps_per_epoch -= 1  # a last batch too small to give every process a sample is left out
     total_steps = steps_per_epoch * cfg.epochs
     train_backbone = any(p.requires_grad for p in model.encoder.parameters()) and cfg.text_items_per_step > 0
     use_amp = device.type == "cuda"
+    run_step = stepper(model, world, device)
+    context = StepContext(hist_items, hist_mask, tokens, teacher, cfg.loss_weights, device, use_amp)
 
     for epoch in range(state.epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -229,40 +242,29 @@ def train(
         model.train()
         for step in range(state.step, steps_per_epoch):
             generator = _seed_step(cfg.seed, epoch, step)
-            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            # The step's random draws are made for the whole global batch, on every process, then sharded.
+            full = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            rows = slice(world.rank, None, world.size)
+            batch = full[rows]
             users = torch.as_tensor(pos_users[batch], device=device)
             items = torch.as_tensor(pos_items[batch], device=device)
             likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
             neg_items = torch.as_tensor(paired_negatives[batch], device=device)  # B × negatives
+            fresh_items = None
+            if train_backbone:
+                distinct = torch.unique(torch.as_tensor(pos_items[full], device=device))
+                pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
+                fresh_items = distinct[pick.to(device)]
+            id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
+            hidden = torch.rand((len(full), hist_items.shape[1]), generator=generator)[rows].to(device)
+            hidden = hidden < cfg.history_dropout
 
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                fresh_items, fresh_text = None, None
-                if train_backbone:
-                    distinct = torch.unique(items)
-                    pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
-                    fresh_items = distinct[pick.to(device)]
-                    fresh_text = model.encoder(
-                        tokens.input_ids[fresh_items.cpu()].to(device),
-                        tokens.attention_mask[fresh_items.cpu()].to(device),
-                    ).float()
-                id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
-                vectors = model.item_vectors(fresh_items, fresh_text, id_keep)
-
-                history, mask = hist_items[users], hist_mask[users]
-                hidden = torch.rand(mask.shape, generator=generator).to(device) < cfg.history_dropout
-                mask = mask & (history != items.unsqueeze(1)) & ~hidden
-                user_vec = model.user_vectors(vectors, history, mask)
-
-                if full_softmax:
-                    excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
-                    retrieval = _catalog_softmax_loss(model, user_vec, vectors, items, excluded)
-                else:
-                    retrieval = _in_batch_softmax_loss(model, user_vec, vectors, items)
-                click_loss, like_loss = _head_losses(
-                    model, user_vec, vectors, items, neg_items, likes, teacher, users
-                )
-                weights = cfg.loss_weights
-                loss = weights.retrieval * retrieval + weights.click * click_loss + weights.like * like_loss
+            excluded = None
+            if full_softmax:
+                excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
+            step_batch = StepBatch(users, items, likes, neg_items, fresh_items, id_keep, hidden, excluded)
+            loss, retrieval, click_loss, like_loss, fresh_text = run_step(partial(_step_loss, batch=step_batch,
+                                                                                   context=context))
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +281,7 @@ def train(
             state.step = step + 1
             if on_step:
                 on_step(epoch * steps_per_epoch + step + 1, total_steps, losses)
-            if state.step % cfg.checkpoint_every_steps == 0:
+            if state.step % cfg.checkpoint_every_steps == 0 and world.is_main:
                 _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
 
         if train_backbone:  # rows not re-encoded this epoch are stale: refresh them all
@@ -293,12 +295,67 @@ def train(
             state.best_epoch = epoch
             best = copy.deepcopy(model.trainable_state())
         state.epoch, state.step = epoch + 1, 0
-        _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
+        if world.is_main:
+            _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
+        barrier(world)  # a resumed run reads this checkpoint on every process
 
     if best is not None:
         model.load_state_dict(best, strict=False)
     model.eval()
     return TrainResult(model, tokens, histories, state, time.perf_counter() - started, started_from)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One process's share of a step: its samples and the step's random draws."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    likes: torch.Tensor
+    negatives: torch.Tensor
+    fresh_items: torch.Tensor | None  # items whose text is re-encoded this step (with gradients)
+    id_keep: torch.Tensor
+    hidden: torch.Tensor  # history entries dropped this step
+    excluded: torch.Tensor | None  # full softmax: each row's other positives and the cold items
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step reads."""
+
+    hist_items: torch.Tensor
+    hist_mask: torch.Tensor
+    tokens: TokenizedTexts
+    teacher: Teacher | None
+    weights: LossWeights
+    device: torch.device
+    use_amp: bool
+
+
+def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> tuple[torch.Tensor | None, ...]:
+    """A step's loss (and its parts) on ``m``: the function DDP runs as ``forward``."""
+    device = context.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=context.use_amp):
+        fresh_text = None
+        if batch.fresh_items is not None:
+            rows = batch.fresh_items.cpu()
+            fresh_text = m.encoder(
+                context.tokens.input_ids[rows].to(device), context.tokens.attention_mask[rows].to(device)
+            ).float()
+        vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
+        history, mask = context.hist_items[batch.users], context.hist_mask[batch.users]
+        mask = mask & (history != batch.items.unsqueeze(1)) & ~batch.hidden
+        user_vec = m.user_vectors(vectors, history, mask)
+        if batch.excluded is not None:
+            retrieval = _catalog_softmax_loss(m, user_vec, vectors, batch.items, batch.excluded)
+        else:
+            retrieval = _in_batch_softmax_loss(m, user_vec, vectors, batch.items)
+        click, like = _head_losses(
+            m, user_vec, vectors, batch.items, batch.negatives, batch.likes, context.teacher, batch.users
+        )
+        weights = context.weights
+        total = weights.retrieval * retrieval + weights.click * click + weights.like * like
+    return total, retrieval, click, like, fresh_text
 
 
 def _catalog_softmax_loss(
