@@ -7,6 +7,8 @@ trainer image writes to /dev/termination-log) into the pod's status, as the kube
 
 from __future__ import annotations
 
+import copy
+
 import yaml
 
 from e2e_tests.recops_fixtures import MODEL, get, model_status, patch_spec, train_to_ready, wait_for
@@ -82,3 +84,33 @@ def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(c
     assert third["servingRevision"] == third["revision"] == second["revision"]
     jobs = cluster.kubectl.json("get", "jobs", "-n", namespace, "-l", "app.kubernetes.io/instance=ranker")["items"]
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted([first["trainingJob"], second["trainingJob"]])
+
+
+def test_a_two_node_recmodel_gets_an_indexed_job_and_a_headless_service(cluster, namespace, artifacts, operator):
+    """The scale-out path on a real apiserver: the Job the controller-manager runs as two indexed pods that
+    find each other through the headless Service (kwok runs no container: the pods' DNS identity is checked)."""
+    model = copy.deepcopy(MODEL)
+    model["metadata"]["name"] = "wide"
+    model["spec"]["training"].update(nodes=2, gpusPerNode=1)
+    model["spec"]["training"].get("resources", {}).pop("gpu", None)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(model))
+    revision = wait_for(lambda: model_status(cluster, namespace, "wide").get("revision"), "a revision")
+    name = f"wide-train-{revision}"
+    service = wait_for(lambda: get(cluster, "service", name, namespace), f"Service {name}")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": name}
+    job = get(cluster, "job", name, namespace)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["torchrun", "--nnodes", "2"]
+    assert f"{name}-0.{name}.{namespace}.svc:29500" in container["command"]
+
+    def both_pods() -> list[dict] | None:
+        items = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"job-name={name}")["items"]
+        return items if len(items) == 2 else None
+
+    pods = wait_for(both_pods, "the Job's two pods")
+    assert sorted(p["spec"]["hostname"] for p in pods) == [f"{name}-0", f"{name}-1"]
+    assert {p["spec"]["subdomain"] for p in pods} == {name}
+    # The controller-manager numbers the pods; torchrun's rendezvous needs nothing else from Kubernetes.
+    indexes = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods)
+    assert indexes == ["0", "1"]

@@ -247,3 +247,47 @@ def test_recops_export_names_a_bad_spec_file(tmp_path):
                                       "--spec", str(bad)])
     assert result.exit_code != 0 and "spec.lora.r" in result.output
     assert not (tmp_path / "repo").exists()  # nothing written
+
+
+def test_a_two_node_model_trains_in_an_indexed_job_behind_a_headless_service():
+    spec = {**SPEC, "training": {"epochs": 2, "nodes": 2, "gpusPerNode": 4}}
+    plan = recmodel.plan(observe(spec=spec), SETTINGS)
+    assert kinds(plan.create) == ["ConfigMap", "Service", "Job"]
+    _, service, job_ = plan.create
+    name = f"ranker-train-{revision(spec)}"
+    assert service["metadata"]["name"] == job_["metadata"]["name"] == name
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"job-name": name}
+    assert (job_["spec"]["completionMode"], job_["spec"]["completions"], job_["spec"]["parallelism"]) == (
+        "Indexed", 2, 2)
+    pod_spec = job_["spec"]["template"]["spec"]
+    assert pod_spec["subdomain"] == name  # pods resolve as <job>-<index>.<job>
+    container = pod_spec["containers"][0]
+    command = container["command"]
+    assert command[0] == "torchrun" and "args" not in container
+
+    def option(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert (option("--nnodes"), option("--nproc-per-node"), option("--rdzv-backend")) == ("2", "4", "c10d")
+    assert option("--rdzv-endpoint") == f"{name}-0.{name}.shop.svc:29500"
+    assert command[command.index("-m") + 1 : command.index("-m") + 3] == ["recops", "train"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+def test_one_pod_with_several_gpus_runs_torchrun_standalone():
+    spec = {**SPEC, "training": {"epochs": 2, "resources": {"gpu": 2}}}
+    plan = recmodel.plan(observe(spec=spec), SETTINGS)
+    assert kinds(plan.create) == ["ConfigMap", "Job"]
+    command = plan.create[1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
+    assert "completionMode" not in plan.create[1]["spec"]
+
+
+def test_adding_the_scale_out_fields_leaves_existing_revisions_alone():
+    # nodes and gpusPerNode default to unset: an operator upgrade must not retrain every model.
+    assert revision(SPEC) == revision({**SPEC, "training": {**SPEC["training"]}})
+    from recops.api import parse_recmodel_spec
+
+    assert "nodes" not in manifests.spec_document(OWNER, parse_recmodel_spec(SPEC))
+    assert revision({**SPEC, "training": {**SPEC["training"], "nodes": 2}}) != revision(SPEC)

@@ -149,6 +149,12 @@ class ResourcesSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """Optimisation settings of the two-tower model."""
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("!has(self.gpusPerNode) || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu == 0"
+         " || self.resources.gpu == self.gpusPerNode",
+         "gpusPerNode and resources.gpu disagree: set one of them", ".gpusPerNode"),
+    ))
+
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(512, ge=2, le=65536)
     learning_rate: float = Field(2e-3, gt=0, le=1)
@@ -166,6 +172,33 @@ class TrainingSpec(SpecModel):
     seed: int = Field(0, ge=0)
     checkpoint_every_steps: int = Field(200, ge=1)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    # Unset by default (None, not 1): a field that appears in every spec would change every revision's
+    # hash, and an operator upgrade would retrain every model.
+    nodes: int | None = Field(
+        None, ge=1, le=64, description="Pods that train together (DDP under torchrun); default 1."
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=1, le=16,
+        description="Training processes, one per GPU, in each pod; default resources.gpu (one CPU process if 0).",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_agree(self) -> TrainingSpec:
+        gpus = self.gpus_per_node
+        if gpus is not None and self.resources.gpu not in (0, gpus):
+            raise ValueError(f"gpusPerNode is {gpus} but resources.gpu is {self.resources.gpu}: set one of them")
+        return self
+
+    def processes_per_node(self) -> int:
+        """Training processes in each pod: one per GPU, or one on the CPU."""
+        return self.gpus_per_node or self.resources.gpu or 1
+
+    def gpus(self) -> int:
+        """GPUs each training pod requests."""
+        return self.gpus_per_node or self.resources.gpu
+
+    def distributed(self) -> bool:
+        return (self.nodes or 1) > 1 or self.processes_per_node() > 1
 
 
 class ServingSpec(SpecModel):

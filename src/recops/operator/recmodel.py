@@ -170,6 +170,8 @@ def plan(observation: ModelObservation, settings: OperatorSettings) -> ModelPlan
         status.condition(TRAINED, "Unknown", "JobCreated", f"Job {job_name} created")
         return _finish(observation, status, previous_phase,
                        create=(manifests.training_configmap(owner, spec, revision),
+                               *([manifests.training_service(owner, revision)] if (spec.training.nodes or 1) > 1
+                                 else []),
                                manifests.training_job(owner, spec, revision, settings)),
                        apply=serving,
                        events=[Event("Normal", "TrainingStarted", f"created Job {job_name} for revision {revision}")])

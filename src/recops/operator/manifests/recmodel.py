@@ -76,19 +76,65 @@ def training_configmap(owner: Owner, spec: RecModelSpec, revision: str) -> Manif
     return _spec_configmap(owner, training_job_name(owner.name, revision), TRAINING, spec, revision)
 
 
+RENDEZVOUS_PORT = 29500
+
+
+def training_command(owner: Owner, spec: RecModelSpec, revision: str) -> Manifest:
+    """The trainer container's command: ``recops train``, under ``torchrun`` when it trains distributed.
+
+    Several pods meet through c10d rendezvous at the first pod's stable DNS name, which the Job's
+    headless Service (:func:`training_service`) gives it; one pod with several GPUs runs standalone.
+    """
+    train = ["train", "--file", f"{SPEC_MOUNT}/{SPEC_FILE}",
+             "--out", artifact_path(owner.namespace, owner.name, revision), "--baselines", ""]
+    cfg = spec.training
+    if not cfg.distributed():
+        return {"args": train}
+    nodes, name = cfg.nodes or 1, training_job_name(owner.name, revision)
+    if nodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        endpoint = f"{name}-0.{name}.{owner.namespace}.svc:{RENDEZVOUS_PORT}"
+        rendezvous = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                      "--rdzv-id", name, "--max-restarts", "3"]
+    return {"command": ["torchrun", *rendezvous, "--nproc-per-node", str(cfg.processes_per_node()),
+                        "-m", "recops", *train]}
+
+
+def training_service(owner: Owner, revision: str) -> Manifest:
+    """The headless Service of a multi-pod Job: a DNS name per pod (``<job>-<index>.<job>``) for rendezvous."""
+    name = training_job_name(owner.name, revision)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, name, labels(owner.name, TRAINING, **{MODEL_LABEL: owner.name,
+                                                                         REVISION_LABEL: revision})),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before any readiness
+            "selector": {"job-name": name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+        },
+    }
+
+
 def training_job(owner: Owner, spec: RecModelSpec, revision: str, settings: OperatorSettings) -> Manifest:
     """The revision's training Job: ``recops train`` writes the model into the artifact store and its
-    offline metrics into the termination message, which the operator copies into the status."""
+    offline metrics into the termination message, which the operator copies into the status.
+
+    With ``training.nodes`` > 1 it is an Indexed Job of that many pods (one per completion index) under
+    the headless Service of the same name, each running ``torchrun``.
+    """
     name = training_job_name(owner.name, revision)
     pod_labels = labels(owner.name, TRAINING, **{MODEL_LABEL: owner.name, REVISION_LABEL: revision})
+    cfg = spec.training
     container: Manifest = {
         "name": "trainer",
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": ["train", "--file", f"{SPEC_MOUNT}/{SPEC_FILE}",
-                 "--out", artifact_path(owner.namespace, owner.name, revision), "--baselines", ""],
+        **training_command(owner, spec, revision),
         "env": [{"name": "RECOPS_TERMINATION_LOG", "value": "/dev/termination-log"}, *_scratch_env()],
-        "resources": resources(spec.training.resources),
+        "resources": resources(cfg.resources.model_copy(update={"gpu": cfg.gpus()})),
         "securityContext": container_security(),
         "terminationMessagePolicy": "File",
         "volumeMounts": [
@@ -97,27 +143,28 @@ def training_job(owner: Owner, spec: RecModelSpec, revision: str, settings: Oper
             *_scratch_mounts(),
         ],
     }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata(owner, name, pod_labels),
-        "spec": {
-            "backoffLimit": 2,  # a pod lost with its node resumes from the checkpoint in the artifact store
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": pod_security(),
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "spec", "configMap": {"name": name}},
-                        artifacts_volume(settings.artifact_claim, read_only=False),
-                        *_scratch_volumes(),
-                    ],
-                },
-            },
-        },
+    if cfg.distributed():
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "securityContext": pod_security(),
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": name}},
+            artifacts_volume(settings.artifact_claim, read_only=False),
+            *_scratch_volumes(),
+        ],
     }
+    nodes = cfg.nodes or 1
+    job_spec: Manifest = {
+        # A pod lost with its node resumes from the checkpoint in the artifact store.
+        "backoffLimit": 2 * nodes,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if nodes > 1:
+        pod_spec["subdomain"] = name
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata(owner, name, pod_labels), "spec": job_spec}
 
 
 def serving_configmap(owner: Owner, spec: RecModelSpec, revision: str) -> Manifest:
