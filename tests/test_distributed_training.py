@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,41 @@ def test_the_world_comes_from_torchrun_s_environment():
         world_from_env({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="must be integers"):
         world_from_env({"RANK": "zero"})
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
+    """As in a cluster (c10d rendezvous, restarts allowed): a worker SIGKILLed mid-training makes torchrun
+    restart both; they resume from the checkpoint and end where an undisturbed run ends."""
+    import psutil
+
+    spec = yaml.safe_load(yaml.safe_dump(SPEC))
+    spec["spec"]["training"].update(epochs=3, checkpointEverySteps=1)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(spec))
+
+    def torchrun(out: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv-id", out, RECOPS, "train", "-f", "ddp.yaml", "--baselines", "", "--out", out]
+
+    run(torchrun("calm"), tmp_path)
+    agent = subprocess.Popen(torchrun("killed"), cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        checkpoint = tmp_path / "killed" / "checkpoint.pt"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train" in p.cmdline()]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[-1].kill()
+        output, _ = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            for child in psutil.Process(agent.pid).children(recursive=True):
+                child.kill()
+            agent.kill()
+    assert agent.returncode == 0, output[-3000:]
+    assert "exitcode: -9" in output  # the agent saw the kill, and restarted the workers
+    np.testing.assert_allclose(np.load(tmp_path / "killed" / "item_index.npy"),
+                               np.load(tmp_path / "calm" / "item_index.npy"), atol=1e-5)

@@ -57,9 +57,22 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
 
 
 def start(world: World, device: torch.device) -> None:
-    """Join the process group (gloo on CPU, NCCL on GPUs); nothing for a single process."""
-    if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+    """Join the process group (gloo on CPU, NCCL on GPUs); nothing for a single process.
+
+    Under torchrun the group meets in the agent's store, under a prefix of its own for each restart:
+    after a worker dies torchrun restarts them all, and the new ones must not read the addresses the
+    dead ones published (they would try to connect to them and fail).
+    """
+    if world.size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, is_master=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"recops/attempt-{attempt}", agent)
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size)
+    else:
+        dist.init_process_group(backend, rank=world.rank, world_size=world.size)
 
 
 def stop(world: World) -> None:
