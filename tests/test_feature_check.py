@@ -104,7 +104,7 @@ def test_the_cli_refuses_naming_the_columns_and_writes_the_report(halves, tmp_pa
     ("arguments", "message"),
     [
         (["--online", "missing.jsonl"], "missing.jsonl: no such file"),
-        (["--online", "events.txt"], "unknown format"),
+        (["--online", "events.txt"], "events.txt: unknown file type"),
         (["--online", "empty.jsonl"], "empty.jsonl: empty"),
         (["--online", "events.parquet", "--psi-threshold", "-0.5"], "psi_threshold must be a finite number >= 0"),
     ],

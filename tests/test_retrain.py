@@ -112,3 +112,17 @@ def test_a_previous_revision_that_is_not_a_model_is_a_clear_error(shop, tmp_path
     result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous", str(tmp_path),
                                  "--feedback", str(folder / "feedback.jsonl"), "--out", str(tmp_path / "rev2")])
     assert result.exit_code == 2 and "not an exported model directory" in result.output, result.output
+
+
+def test_a_spec_without_an_event_log_or_a_missing_feedback_log_is_a_clear_error(shop, tmp_path):
+    folder, _, _ = shop
+    synthetic = tmp_path / "synthetic.yaml"
+    synthetic.write_text(yaml.safe_dump({"data": {"source": "synthetic"}}))
+    result = runner.invoke(app, ["retrain", "-f", str(synthetic), "--previous", str(folder / "runs" / "v1"),
+                                 "--feedback", str(folder / "feedback.jsonl"), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "retrain reads the training events from spec.data.events" in result.output
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous",
+                                 str(folder / "runs" / "v1"), "--feedback", str(tmp_path / "nope.jsonl"),
+                                 "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "nope.jsonl: no such file" in result.output, result.output
+    assert not (tmp_path / "b" / "towers.safetensors").exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recops.data.io import DataFormatError, resolve_uri
+from recops.data.io import DataFormatError, file_format, resolve_uri
 
 TIME_COLUMNS = frozenset({"timestamp", "created_at"})
 MAX_CATEGORIES = 50  # a text column with more distinct training values is an identifier: its shape is compared
@@ -97,15 +97,14 @@ def read_log(uri: str | Path) -> pl.DataFrame:
         raise DataFormatError(f"{path}: no such file")
     if "://" not in path and Path(path).stat().st_size == 0:
         raise DataFormatError(f"{path}: empty")
+    fmt = file_format(path)
     try:
-        if path.endswith((".parquet", ".pq")):
+        if fmt == "parquet":
             frame = pl.read_parquet(path)
-        elif path.endswith(".csv"):
+        elif fmt == "csv":
             frame = pl.read_csv(path, infer_schema_length=10_000)
-        elif path.endswith((".jsonl", ".ndjson", ".json")):
-            frame = pl.read_ndjson(path, infer_schema_length=None)
         else:
-            raise DataFormatError(f"{path}: unknown format (expected .jsonl, .csv or .parquet)")
+            frame = pl.read_ndjson(path, infer_schema_length=None)
     except pl.exceptions.PolarsError as error:
         raise DataFormatError(f"{path}: cannot be read: {error}") from error
     if frame.height == 0:

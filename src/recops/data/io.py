@@ -53,7 +53,8 @@ def resolve_uri(uri: str | os.PathLike[str]) -> str:
     return text
 
 
-def _file_format(path: str) -> str:
+def file_format(path: str) -> str:
+    """``jsonl``, ``csv`` or ``parquet``, from the file's suffix (``.gz`` allowed)."""
     lowered = path.lower()
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".csv", "csv"),
                         (".parquet", "parquet"), (".pq", "parquet")):
@@ -141,7 +142,7 @@ def _read_table(path: str, fmt: str, columns: tuple[str, ...]) -> pl.DataFrame:
 def read_raw(uri: str | os.PathLike[str], columns: tuple[str, ...]) -> pl.DataFrame:
     """Read every record of a JSONL/CSV/Parquet file as strings plus a ``malformed`` flag."""
     path = resolve_uri(uri)
-    fmt = _file_format(path)
+    fmt = file_format(path)
     if "://" not in path and not Path(path).is_file():
         raise DataFormatError(f"{path}: no such file")
     try:
@@ -212,7 +213,7 @@ def write_items(items: pl.DataFrame, uri: str | os.PathLike[str]) -> None:
 
 
 def _write(frame: pl.DataFrame, path: str) -> None:
-    fmt = _file_format(path)
+    fmt = file_format(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         frame.write_ndjson(path)

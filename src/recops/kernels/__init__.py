@@ -100,8 +100,6 @@ def head_features(
     elif user_rows is None or item_rows is None:
         raise ValueError("user_rows and item_rows go together: give both or neither")
     _check_tables(users, items, "users", "items", index=False)
-    if users.shape[0] == 0 and user_rows is None:
-        return users.new_zeros((0, 3 * users.shape[1]))
     if user_rows is not None and item_rows is not None:
         for rows, name, table in ((user_rows, "user_rows", users), (item_rows, "item_rows", items)):
             _check_tensor(rows, name, items.device)
@@ -111,8 +109,6 @@ def head_features(
                 raise ValueError(f"{name} holds a row outside [0, {table.shape[0]})")
         if user_rows.shape != item_rows.shape:
             raise ValueError(f"user_rows and item_rows differ in length: {user_rows.numel()} and {item_rows.numel()}")
-        if user_rows.numel() == 0:
-            return users.new_zeros((0, 3 * users.shape[1]))
     if users.is_cuda and cuda.extension() is not None:
         return cuda.extension().head_features(users.contiguous(), items.contiguous(), user_rows, item_rows)
     return reference.head_features(users, items, user_rows, item_rows)
