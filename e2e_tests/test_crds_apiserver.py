@@ -35,6 +35,12 @@ GOOD_EXPERIMENT: dict[str, Any] = {
     },
 }
 
+# Continuous learning through an experiment: the experiment's spec without the models and the salt.
+GOOD_RETRAINING: dict[str, Any] = {**GOOD_MODEL, "spec": {**GOOD_MODEL["spec"], "retrain": {
+    "schedule": "*/30 * * * *", "minNewEvents": 1000, "windowDays": 30,
+    "experiment": {k: v for k, v in GOOD_EXPERIMENT["spec"].items() if k not in ("control", "treatment", "assignment")},
+}}}
+
 
 def _set(document: dict, path: str, value: Any) -> dict:
     """``document`` with ``path`` (dots, ``[i]`` for list items) set to ``value``; ``...`` deletes it."""
@@ -78,6 +84,12 @@ MALFORMED = [
     (_set(GOOD_MODEL, "spec.distillation", {"teacher": "pvc://artifacts/t", "weight": 1.5}),
      "spec.distillation.weight"),
     (_set(GOOD_MODEL, "spec.distillation", {"weight": 0.5}), "spec.distillation.teacher"),
+    (_set(GOOD_MODEL, "spec.retrain", {"schedule": "@hourly"}), "spec.retrain.experiment"),  # never blind
+    (_set(GOOD_MODEL, "spec.retrain", {"rollout": "direct", "schedule": "every hour"}), "spec.retrain.schedule"),
+    (_set(GOOD_MODEL, "spec.retrain", {"rollout": "direct", "minNewEvents": 0}), "spec.retrain.minNewEvents"),
+    (_set(GOOD_MODEL, "spec.retrain", {"rollout": "sometimes"}), "spec.retrain.rollout"),
+    (_set(GOOD_MODEL, "spec.retrain", {"experiment": {"steps": [{"weight": 50, "pause": "1m"}]}}),
+     "spec.retrain.experiment"),  # no gates, no prometheus
     (_set(GOOD_MODEL, "spec.data", ...), "spec.data"),
     (_set(GOOD_EXPERIMENT, "spec.treatment.model", "v1"), "spec.treatment.model"),
     (_set(GOOD_EXPERIMENT, "spec.control.model", "V1_model"), "spec.control.model"),
@@ -120,7 +132,8 @@ def test_a_malformed_manifest_is_refused_naming_the_field(cluster, apply_crds, n
     assert listed["items"] == []  # nothing half-created
 
 
-@pytest.mark.parametrize("manifest", [GOOD_MODEL, GOOD_EXPERIMENT], ids=["RecModel", "RecExperiment"])
+@pytest.mark.parametrize("manifest", [GOOD_MODEL, GOOD_RETRAINING, GOOD_EXPERIMENT],
+                         ids=["RecModel", "RecModel-retrain", "RecExperiment"])
 def test_a_good_manifest_is_accepted_with_defaults(cluster, apply_crds, namespace, manifest):
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
     short = {"RecModel": "rm", "RecExperiment": "rexp"}[manifest["kind"]]
@@ -128,6 +141,9 @@ def test_a_good_manifest_is_accepted_with_defaults(cluster, apply_crds, namespac
     if manifest["kind"] == "RecModel":
         assert stored["spec"]["training"]["epochs"] == 10 and stored["spec"]["lora"]["r"] == 32
         assert stored["spec"]["serving"]["resources"]["memory"] == "8Gi"
+        if "retrain" in manifest["spec"]:
+            assert stored["spec"]["retrain"]["rollout"] == "experiment"  # never blind by default
+            assert stored["spec"]["retrain"]["maxRecallDrop"] == 0.05
     else:
         assert stored["spec"]["analysis"]["maxInconclusiveLooks"] == 60
         assert "minSamples" not in stored["spec"]["gates"][0]  # union defaults come from pydantic, not the schema

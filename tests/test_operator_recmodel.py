@@ -35,9 +35,9 @@ def revision(spec=SPEC) -> str:
     return recmodel.revision_of(spec)
 
 
-def job(state: str | None, completed: datetime = NOW) -> dict:
+def job(state: str | None, completed: datetime = NOW, spec=SPEC) -> dict:
     conditions = [] if state is None else [{"type": state, "status": "True", "reason": "Done", "message": "m"}]
-    body = {"metadata": {"name": manifests.training_job_name("ranker", revision())},
+    body = {"metadata": {"name": manifests.training_job_name("ranker", revision(spec))},
             "status": {"conditions": conditions, "succeeded": 1 if state == "Complete" else 0}}
     if state == "Complete":
         body["status"]["completionTime"] = completed.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -111,8 +111,17 @@ def test_success_copies_the_metrics_and_deploys_triton():
     deployment_ = plan.apply[1]
     assert deployment_["spec"]["replicas"] == 2
     init = deployment_["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"][:3] == ["export", "--model", f"/artifacts/shop/ranker/{revision()}"]
+    assert init["args"][:3] == ["export", "--revision-file", "/etc/recops/revision.json"]
     assert "--cpu" in init["args"]  # serving asks for no GPU
+    # The revision and its model directory are in the ConfigMap the pods mount, not in the pod template:
+    # a new revision is reloaded in place by the sidecar, in Triton's explicit model-control mode.
+    assert json.loads(plan.apply[0]["data"]["revision.json"]) == {"revision": revision(),
+                                                                  "model": f"/artifacts/shop/ranker/{revision()}"}
+    pod_spec = deployment_["spec"]["template"]["spec"]
+    triton, reloader = pod_spec["containers"]
+    assert "--model-control-mode=explicit" in triton["args"]
+    assert reloader["args"][:3] == ["serve", "reloader", "--watch"] and "/etc/recops/revision.json" in reloader["args"]
+    assert "recops.dev/revision" not in deployment_["spec"]["template"]["metadata"]["labels"]
     assert plan.status.endpoint == "ranker-triton.shop.svc:8001"
 
 
@@ -172,9 +181,18 @@ def test_a_training_change_trains_a_new_revision_while_the_old_one_serves():
     assert revision(changed) != served
     assert kinds(plan.create) == ["ConfigMap", "Job"]
     assert plan.create[1]["metadata"]["name"] == f"ranker-train-{revision(changed)}"
-    deployment_ = next(m for m in plan.apply if m["kind"] == "Deployment")
-    assert deployment_["spec"]["template"]["metadata"]["labels"]["recops.dev/revision"] == served
+    configmap = next(m for m in plan.apply if m["kind"] == "ConfigMap")
+    assert json.loads(configmap["data"]["revision.json"])["revision"] == served
     assert plan.status.phase == "Training" and plan.status.serving_revision == served
+    # Once the new revision's Job succeeded, only the ConfigMap changes: the pods reload it in place.
+    trained = recmodel.plan(observe(spec=changed, status=plan.status.to_patch(), job=job("Complete", spec=changed),
+                                    job_pods=[pod(METRICS)], deployment=deployment()), SETTINGS)
+    configmap = next(m for m in trained.apply if m["kind"] == "ConfigMap")
+    assert json.loads(configmap["data"]["revision.json"]) == {
+        "revision": revision(changed), "model": f"/artifacts/shop/ranker/{revision(changed)}"}
+    assert trained.status.phase == "Ready" and trained.status.serving_revision == revision(changed)
+    new_template = next(m for m in trained.apply if m["kind"] == "Deployment")["spec"]["template"]
+    assert new_template == deployment()["spec"]["template"]
 
 
 def test_an_invalid_spec_fails_with_the_field_named_and_creates_nothing():

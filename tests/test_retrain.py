@@ -57,6 +57,13 @@ def shop(tmp_path_factory):
     return folder, training, since
 
 
+def distinct_new(training: pl.DataFrame, feedback: pl.DataFrame) -> int:
+    """Counted here with Python sets, independently of the code under test."""
+    def keys(frame):
+        return {tuple(row[c] for c in EVENT_KEY) for row in frame.select(EVENT_KEY).iter_rows(named=True)}
+    return len(keys(feedback) - keys(training))
+
+
 def test_merging_keeps_every_event_once():
     base = pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i1"], "event": ["click", "impression"],
                          "timestamp": [10, 11], "request_id": ["r1", "r2"]})
@@ -85,9 +92,11 @@ def test_feedback_becomes_training_data_of_the_next_revision(shop):
     distinct = pl.concat([training, since]).unique(subset=list(EVENT_KEY)).height
     twice = training.height + since.height + 25 - distinct
     assert twice >= 25
+    new = distinct_new(training, since)
     assert record["events"] == {"training": training.height, "feedback": since.height + 25, "duplicates": twice,
-                                "merged": distinct}
-    assert f"{training.height} training + {since.height + 25} feedback - {twice} logged twice" in output
+                                "merged": distinct, "new": new}
+    assert f"{training.height} training + {since.height + 25} feedback - {twice} logged twice = {distinct} " \
+           f"({new} new)" in output
     merged = pl.read_parquet(out / "data" / "events.parquet")
     assert merged.height == distinct and merged.unique(subset=list(EVENT_KEY)).height == distinct
     assert record["check"]["ok"] and record["warm_start"]["items_kept"] > 0 and record["warm_start"]["backbone"]
@@ -126,3 +135,42 @@ def test_a_spec_without_an_event_log_or_a_missing_feedback_log_is_a_clear_error(
                                  "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "nope.jsonl: no such file" in result.output, result.output
     assert not (tmp_path / "b" / "towers.safetensors").exists()
+
+
+def test_a_folder_of_router_logs_retrains_only_with_enough_new_events_and_never_twice(shop, tmp_path):
+    """The cluster's layout: one folder per router pod, rotated files beside the current one, an empty file
+    just opened. Below --min-new-events nothing trains; the revision trained from those events finds none
+    new in the same logs, so an event feeds one revision only."""
+    folder, training, since = shop
+    logs = tmp_path / "feedback"
+    parts = [since[i::3] for i in range(3)]
+    for path, part in zip(("pod-a/feedback-20261129T100000000000Z.jsonl", "pod-a/feedback.jsonl",
+                           "pod-b/feedback.jsonl"), parts, strict=True):
+        (logs / path).parent.mkdir(parents=True, exist_ok=True)
+        part.write_ndjson(logs / path)
+    (logs / "pod-c").mkdir()
+    (logs / "pod-c" / "feedback.jsonl").touch()
+    new = distinct_new(training, since)
+    spec, v1 = str(folder / "recmodel.yaml"), str(folder / "runs" / "v1")
+
+    def retrain(previous: str, out: Path, minimum: int) -> tuple[object, dict]:
+        message = tmp_path / f"{out.name}.termination"
+        result = runner.invoke(app, ["retrain", "-f", spec, "--previous", previous, "--feedback", str(logs),
+                                     "--out", str(out), "--min-new-events", str(minimum)],
+                               env={"RECOPS_TERMINATION_LOG": str(message)})
+        assert result.exit_code == 0, result.output
+        return result, json.loads(message.read_text())
+
+    result, message = retrain(v1, tmp_path / "too-few", new + 1)
+    assert f"nothing to retrain: {new} new feedback events, fewer than the {new + 1}" in result.output
+    assert message == {"skipped": message["skipped"], "events": {"training": training.height,
+                                                                 "feedback": since.height, "new": new}}
+    assert not (tmp_path / "too-few" / "towers.safetensors").exists()
+
+    _, message = retrain(v1, tmp_path / "v2", new)
+    assert message["events"]["new"] == new and message["events"]["merged"] == training.height + new \
+        - (training.height - training.unique(subset=list(EVENT_KEY)).height)
+    assert "recall@20" in message["metrics"]
+
+    result, message = retrain(str(tmp_path / "v2"), tmp_path / "v3", 1)
+    assert message["events"]["new"] == 0 and "skipped" in message, result.output

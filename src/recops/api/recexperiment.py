@@ -297,21 +297,23 @@ class AnalysisSpec(SpecModel):
         return parse_duration(self.interval)
 
 
-class RecExperimentSpec(SpecModel):
-    """``spec`` of a RecExperiment."""
+_PAUSE_RULE = (
+    "!has(self.analysis) || !has(self.analysis.interval) || "
+    "self.steps.all(s, duration(s.pause) >= duration(self.analysis.interval))",
+    "every steps[].pause must be at least analysis.interval (a step would end before its first look)",
+    ".steps",
+)
 
-    model_config = ConfigDict(json_schema_extra=cel_rules(
-        ("self.control.model != self.treatment.model", "treatment.model must differ from control.model",
-         ".treatment.model"),
-        ("!has(self.analysis) || !has(self.analysis.interval) || "
-         "self.steps.all(s, duration(s.pause) >= duration(self.analysis.interval))",
-         "every steps[].pause must be at least analysis.interval (a step would end before its first look)",
-         ".steps"),
-    ))
 
-    control: ModelRef
-    treatment: ModelRef
-    assignment: AssignmentSpec
+class ExperimentPlanSpec(SpecModel):
+    """How a treatment is tested against the control: steps, gates, Prometheus, analysis.
+
+    A RecExperiment adds the two models and the assignment salt; ``RecModel.spec.retrain.experiment``
+    is this alone (the operator fills in the models and a salt per retrained revision).
+    """
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(_PAUSE_RULE))
+
     steps: list[StepSpec] = Field(min_length=1, max_length=20, json_schema_extra=cel_rules(
         ("self.map(s, s.weight).isSorted()", "weights must not decrease from one step to the next", None),
         # Weights do not decrease, so only the second-to-last step needs checking.
@@ -351,9 +353,7 @@ class RecExperimentSpec(SpecModel):
         return gates
 
     @model_validator(mode="after")
-    def _consistent(self) -> RecExperimentSpec:
-        if self.control.model == self.treatment.model:
-            raise ValueError(f"treatment.model must differ from control.model (both {self.control.model!r})")
+    def _pauses_cover_a_look(self) -> ExperimentPlanSpec:
         interval = self.analysis.interval_seconds
         for index, step in enumerate(self.steps):
             if step.pause_seconds < interval:
@@ -361,4 +361,24 @@ class RecExperimentSpec(SpecModel):
                     f"steps[{index}].pause ({step.pause}) is shorter than analysis.interval "
                     f"({self.analysis.interval}): the step would end before its first look"
                 )
+        return self
+
+
+class RecExperimentSpec(ExperimentPlanSpec):
+    """``spec`` of a RecExperiment."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("self.control.model != self.treatment.model", "treatment.model must differ from control.model",
+         ".treatment.model"),
+        _PAUSE_RULE,
+    ))
+
+    control: ModelRef
+    treatment: ModelRef
+    assignment: AssignmentSpec
+
+    @model_validator(mode="after")
+    def _two_models(self) -> RecExperimentSpec:
+        if self.control.model == self.treatment.model:
+            raise ValueError(f"treatment.model must differ from control.model (both {self.control.model!r})")
         return self

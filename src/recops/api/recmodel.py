@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from recops.api.common import SpecModel, cel_rules
+from recops.api.recexperiment import ExperimentPlanSpec
 
 # apimachinery's resource.Quantity grammar (quantity.go), as a regular expression.
 _DECIMAL = r"([0-9]+(\.[0-9]*)?|\.[0-9]+)"
@@ -225,6 +226,68 @@ class DistillationSpec(SpecModel):
     )
 
 
+# Five cron fields (minute hour day-of-month month day-of-week) or a macro, as a CronJob takes them.
+_CRON_FIELD = r"[0-9A-Za-z*?/,-]+"
+CRON_PATTERN = rf"^(@(hourly|daily|midnight|weekly|monthly|yearly|annually)|{_CRON_FIELD}( +{_CRON_FIELD}){{4}})$"
+
+
+class RetrainSpec(SpecModel):
+    """Continuous learning: retrain from the serving revision and the router's feedback, then roll it out.
+
+    On every ``schedule`` tick a Job checks how many feedback events are new since the serving revision;
+    with at least ``minNewEvents`` it trains the next revision from the serving one (warm start) on
+    those events plus the serving revision's own, cut to ``windowDays``. The result is rolled out
+    through a RecExperiment against the serving revision (``rollout: experiment``, the default) or
+    directly; a revision whose offline Recall@20 falls more than ``maxRecallDrop`` is never served.
+    """
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("(has(self.rollout) && self.rollout == 'direct') || has(self.experiment)",
+         "rollout 'experiment' (the default) needs 'experiment': the steps and gates to test a retrained "
+         "revision with", ".experiment"),
+    ))
+
+    schedule: str = Field(
+        "@hourly", max_length=128, json_schema_extra={"pattern": CRON_PATTERN},
+        description="Cron schedule (five fields or @hourly, @daily, ...) of the check for new feedback.",
+    )
+    min_new_events: int = Field(
+        1, ge=1, le=1_000_000_000, description="Retrain only when at least this many feedback events are new.",
+    )
+    window_days: float | None = Field(
+        None, gt=0, le=3650, description="Train on the last N days of events only (default: all of them).",
+    )
+    feedback: str | None = Field(
+        None, max_length=2048,
+        description="Where the feedback log is: a folder or file URI (pvc://, file://) or kafka://HOST:PORT/TOPIC; "
+        "default: the folder on the artifacts volume that the namespace's routers write.",
+    )
+    rollout: Literal["experiment", "direct"] = Field(
+        "experiment", description="experiment: A/B-test the new revision against the serving one; direct: serve it.",
+    )
+    experiment: ExperimentPlanSpec | None = Field(
+        None, description="Steps, gates and Prometheus of the experiment that tests each retrained revision.",
+    )
+    max_recall_drop: float = Field(
+        0.05, ge=0, le=1,
+        description="Roll back without serving a revision whose Recall@20 is below (1 - this) x the serving one's.",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        if not re.match(CRON_PATTERN, schedule.strip()):
+            raise ValueError(f"must be a cron schedule of five fields or a macro such as @hourly, got {schedule!r}")
+        return schedule.strip()
+
+    @model_validator(mode="after")
+    def _experiment_given(self) -> RetrainSpec:
+        if self.rollout == "experiment" and self.experiment is None:
+            raise ValueError("rollout 'experiment' (the default) needs 'experiment': the steps and gates to test a "
+                             "retrained revision with (or set rollout: direct)")
+        return self
+
+
 class RecModelSpec(SpecModel):
     """``spec`` of a RecModel."""
 
@@ -235,4 +298,12 @@ class RecModelSpec(SpecModel):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     distillation: DistillationSpec | None = Field(
         None, description="Learn from a bigger teacher's scores (knowledge distillation)."
+    )
+    retrain: RetrainSpec | None = Field(
+        None, description="Continuous learning: retrain on a schedule from the router's feedback and roll it out."
+    )
+    artifact: str | None = Field(
+        None, max_length=2048,
+        description="Serve this exported model directory (pvc:// or file:// URI) instead of training one; the "
+        "operator sets it on the candidate of a retrained revision.",
     )

@@ -37,6 +37,38 @@ class Condition(StatusModel):
     observed_generation: int | None = Field(None, ge=0)
 
 
+RetrainPhase = Literal["Testing", "Promoted", "RolledBack"]
+
+
+class RetrainedRevision(StatusModel):
+    """One revision a retrain Job produced, and what became of it."""
+
+    revision: str = Field(description="The retrain Job's name: the revision's id and its artifact folder.")
+    artifact_uri: str | None = None
+    phase: RetrainPhase
+    recall: float | None = Field(None, description="Recall@20 on the test split.")
+    metrics: dict[str, float] | None = None
+    events: dict[str, int] | None = Field(
+        None, description="Event counts: training, feedback, new, duplicates (logged twice), merged.",
+    )
+    experiment: str | None = Field(None, description="The RecExperiment testing it (rollout: experiment).")
+    message: str | None = None
+    time: str | None = Field(None, description="RFC 3339 time of the last phase change.")
+
+
+class RetrainStatus(StatusModel):
+    """Continuous learning: the CronJob, the revision under test and the last outcomes."""
+
+    cron_job: str | None = None
+    base_revision: str | None = Field(None, description="The spec's revision the retrained ones descend from.")
+    last_run: str | None = Field(None, description="The last retrain Job that finished.")
+    last_run_time: str | None = Field(None, description="Its creation time (Jobs are taken in creation order).")
+    last_run_message: str | None = Field(None, description="What it did (trained, or why it skipped).")
+    candidate: RetrainedRevision | None = Field(None, description="The revision being tested now.")
+    promoted: str | None = Field(None, description="The retrained revision serving now (none: the spec's own).")
+    history: list[RetrainedRevision] | None = Field(None, description="The last ten outcomes, newest last.")
+
+
 class RecModelStatus(StatusModel):
     """``status`` of a RecModel."""
 
@@ -51,6 +83,7 @@ class RecModelStatus(StatusModel):
     metrics: dict[str, float] | None = Field(None, description="Offline metrics reported by the trainer.")
     message: str | None = Field(None, description="What happened last, for people.")
     conditions: list[Condition] | None = Field(None, description="Trained, Deployed, Ready.")
+    retrain: RetrainStatus | None = Field(None, description="Continuous learning (spec.retrain).")
 
 
 class GateStatus(StatusModel):

@@ -18,10 +18,13 @@ from recops.api.loading import API_VERSION
 from recops.operator import recexperiment, recmodel
 from recops.operator.kube import Kube
 from recops.operator.manifests import recmodel as model_manifests
+from recops.operator.manifests import retrain as retrain_manifests
 from recops.operator.manifests.common import Owner
 from recops.operator.metrics import OperatorMetrics
 from recops.operator.naming import selector
+from recops.operator.retrain import RetrainObservation, job_key
 from recops.operator.settings import OperatorSettings
+from recops.operator.termination import termination_message
 
 GROUP, VERSION = "recops.dev", "v1alpha1"
 SETTINGS = OperatorSettings.from_env()
@@ -85,16 +88,38 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
         owner=owner, generation=body["metadata"].get("generation", 0), spec=body.get("spec") or {},
         status=status, now=_now(), job=job, job_pods=pods or (), deployment=deployment,
         servicemonitors=memo.servicemonitors,
+        retrain=_observe_retrain(kube, owner, status) if (body.get("spec") or {}).get("retrain") else None,
     )
     result = recmodel.plan(observation, SETTINGS)
     for manifest in result.create:
         kube.create(manifest)
     for manifest in result.apply:
         kube.apply(manifest)
+    for manifest in result.delete:
+        kube.delete(manifest)
     status_patch = result.status.to_patch()
     patch.status.update(status_patch)
     _post(body, result.events)
     METRICS.model(owner.namespace, owner.name, status_patch)
+
+
+def _observe_retrain(kube: Kube, owner: Owner, status: dict[str, Any]) -> RetrainObservation:
+    """The retrain Jobs (with the termination messages of those that succeeded and are not yet taken) and
+    the candidate under test with its experiment."""
+    jobs = kube.list("batch/v1", "Job", owner.namespace, retrain_manifests.retrain_selector(owner.name))
+    taken = ((status.get("retrain") or {}).get("lastRunTime") or "", (status.get("retrain") or {}).get("lastRun") or "")
+    messages = {}
+    for job in jobs:
+        name = job["metadata"]["name"]
+        if (job.get("status") or {}).get("succeeded") and job_key(job) > taken:
+            pods = kube.list("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={name}")
+            messages[name] = termination_message(pods) or {}
+    candidate = ((status.get("retrain") or {}).get("candidate") or {}).get("revision")
+    return RetrainObservation(
+        jobs=jobs, messages=messages,
+        candidate=kube.get(API_VERSION, "RecModel", owner.namespace, candidate) if candidate else None,
+        experiment=kube.get(API_VERSION, "RecExperiment", owner.namespace, candidate) if candidate else None,
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, "recmodels")

@@ -83,3 +83,14 @@ class Kube:
             field_manager=FIELD_MANAGER, force_conflicts=True,
         )
         return applied.to_dict()
+
+    def delete(self, manifest: dict[str, Any]) -> bool:
+        """Delete the object ``manifest`` names (its children go with it, in the background); ``True`` when
+        this call deleted it, ``False`` when it was already gone."""
+        resource = self._resource(manifest["apiVersion"], manifest["kind"])
+        meta = manifest["metadata"]
+        try:
+            resource.delete(name=meta["name"], namespace=meta.get("namespace"), propagation_policy="Background")
+        except NotFoundError:
+            return False
+        return True

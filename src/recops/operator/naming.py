@@ -13,6 +13,8 @@ MANAGED_BY = "recops-operator"
 MAX_NAME = 63  # a DNS-1123 label: Service names and the Job's pod label must fit
 REVISION_LABEL = "recops.dev/revision"
 MODEL_LABEL = "recops.dev/recmodel"
+RETRAIN_LABEL = "recops.dev/retrain-of"
+"""On a retrain Job and on the candidate RecModel and RecExperiment of a retrained revision: the RecModel."""
 EXPERIMENT_LABEL = "recops.dev/recexperiment"
 
 
@@ -25,10 +27,11 @@ def short_hash(value: Any, length: int = 10) -> str:
 def training_revision(spec: RecModelSpec) -> str:
     """The revision of a RecModel: a hash of every setting that changes the trained model.
 
-    ``serving`` is left out on purpose: a serving-only change updates the Deployment, not the model.
+    ``serving`` and ``retrain`` are left out on purpose: a serving-only change updates the Deployment,
+    and a retrain policy change the CronJob, not the model.
     """
     manifest = spec.to_manifest_dict()
-    return short_hash({key: value for key, value in manifest.items() if key != "serving"})
+    return short_hash({key: value for key, value in manifest.items() if key not in ("serving", "retrain")})
 
 
 def serving_hash(spec: RecModelSpec) -> str:
@@ -36,12 +39,12 @@ def serving_hash(spec: RecModelSpec) -> str:
     return short_hash(spec.serving.to_manifest_dict())
 
 
-def child_name(owner: str, suffix: str) -> str:
-    """``<owner>-<suffix>`` within 63 characters (a long owner name is cut and keeps a hash of itself)."""
+def child_name(owner: str, suffix: str, limit: int = MAX_NAME) -> str:
+    """``<owner>-<suffix>`` within ``limit`` characters (a long owner name is cut and keeps a hash of itself)."""
     name = f"{owner}-{suffix}"
-    if len(name) <= MAX_NAME:
+    if len(name) <= limit:
         return name
-    keep = MAX_NAME - len(suffix) - 1 - 7
+    keep = limit - len(suffix) - 1 - 7
     return f"{owner[:keep].rstrip('-')}-{short_hash(owner, 6)}-{suffix}"
 
 

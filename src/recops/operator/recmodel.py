@@ -10,13 +10,16 @@ Lifecycle of a revision (a hash of every training setting, :func:`~recops.operat
     Pending ─► Training (the revision's Job, created once) ─► Deploying (Triton Deployment) ─► Ready
                    └── Job failed ─► Failed          └── progress deadline exceeded ─► Failed
 
-A serving-only change keeps the revision and re-applies the Deployment. A new revision trains while
-the previous one keeps serving; the Deployment moves to it only once its Job succeeded.
+A serving-only change keeps the revision and rolls the Triton pods. A new revision trains while the
+previous one keeps serving; once its Job succeeded, the serving ConfigMap names it and the reloader
+beside Triton loads it in place (hot reload: no pod restarts, no request dropped).
+
+``spec.artifact`` serves a model trained elsewhere (no Job). ``spec.retrain`` adds continuous
+learning once the base revision is trained: :mod:`recops.operator.retrain`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,9 +30,11 @@ from recops.api.recmodel import RecModelSpec
 from recops.api.status import RecModelPhase, RecModelStatus
 from recops.operator.conditions import Event, set_condition
 from recops.operator.manifests import recmodel as manifests
-from recops.operator.manifests.common import Manifest, Owner, artifact_uri
-from recops.operator.naming import REVISION_LABEL, serving_hash, training_revision
+from recops.operator.manifests.common import Manifest, Owner, artifact_path, artifact_uri, mounted_path
+from recops.operator.naming import serving_hash, training_revision
+from recops.operator.retrain import RetrainObservation, plan_retrain
 from recops.operator.settings import OperatorSettings
+from recops.operator.termination import numeric, termination_message
 
 TRAINED, DEPLOYED, READY = "Trained", "Deployed", "Ready"
 RECALL_METRIC = "recall@20"
@@ -50,6 +55,8 @@ class ModelObservation:
     deployment: Mapping[str, Any] | None = None
     servicemonitors: bool = False
     """Whether the prometheus-operator's ServiceMonitor CRD is installed."""
+    retrain: RetrainObservation | None = None
+    """The retrain Jobs and the candidate's objects (``spec.retrain`` only)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class ModelPlan:
     status: RecModelStatus
     create: tuple[Manifest, ...] = ()
     apply: tuple[Manifest, ...] = ()
+    delete: tuple[Manifest, ...] = ()
+    """Objects to delete (a retrained revision's candidate and experiment, once decided)."""
     events: tuple[Event, ...] = ()
     requeue: bool = field(default=True)
 
@@ -79,30 +88,18 @@ def trainer_metrics(pods: Sequence[Mapping[str, Any]]) -> dict[str, float] | Non
 
     Non-numeric values are dropped (a status holds numbers only); ``None`` when no pod reported.
     """
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or ():
-            terminated = (container.get("state") or {}).get("terminated") or {}
-            message = terminated.get("message")
-            if terminated.get("exitCode") != 0 or not message:
-                continue
-            try:
-                metrics = json.loads(message).get("metrics")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(metrics, dict):
-                return {str(k): float(v) for k, v in metrics.items()
-                        if isinstance(v, int | float) and not isinstance(v, bool) and v == v}
-    return None
+    return numeric((termination_message(pods) or {}).get("metrics"))
 
 
-def deployment_state(deployment: Mapping[str, Any] | None, revision: str, spec: RecModelSpec) -> str:
-    """``absent``, ``stale`` (not yet the wanted revision or settings), ``progressing``, ``available``
-    or ``failed`` (progress deadline exceeded)."""
+def deployment_state(deployment: Mapping[str, Any] | None, spec: RecModelSpec) -> str:
+    """``absent``, ``stale`` (not yet the wanted serving settings), ``progressing``, ``available`` or
+    ``failed`` (progress deadline exceeded). The revision is not part of it: the pods reload each new one
+    in place."""
     if deployment is None:
         return "absent"
     template = deployment["spec"]["template"]["metadata"]
-    if (template.get("labels", {}).get(REVISION_LABEL) != revision
-            or template.get("annotations", {}).get("recops.dev/serving-hash") != serving_hash(spec)):
+    # A new revision reloads in place (the reloader follows the ConfigMap): only serving settings roll the pods.
+    if template.get("annotations", {}).get("recops.dev/serving-hash") != serving_hash(spec):
         return "stale"
     status = deployment.get("status") or {}
     if status.get("observedGeneration", 0) < deployment["metadata"].get("generation", 0):
@@ -141,6 +138,14 @@ def revision_of(spec: Mapping[str, Any]) -> str | None:
         return None
 
 
+def model_path(owner: Owner, spec: RecModelSpec, revision: str, settings: OperatorSettings) -> str:
+    """Where a revision's exported model lies in the pods: ``spec.artifact`` if given, else the folder its
+    Job (training or retrain) wrote on the artifact volume."""
+    if spec.artifact is not None:
+        return mounted_path(spec.artifact, settings.artifact_claim)
+    return artifact_path(owner.namespace, owner.name, revision)
+
+
 def plan(observation: ModelObservation, settings: OperatorSettings) -> ModelPlan:
     """The next step for one RecModel (pure)."""
     status = _Status(observation)
@@ -148,22 +153,29 @@ def plan(observation: ModelObservation, settings: OperatorSettings) -> ModelPlan
     owner = observation.owner
     try:
         spec = parse_recmodel_spec(dict(observation.spec), source=f"RecModel {owner.namespace}/{owner.name}")
-    except SpecError as error:
-        status.phase("Failed", str(error))
-        status.condition(READY, "False", "InvalidSpec", str(error))
-        return _finish(observation, status, previous_phase, events=[Event("Warning", "InvalidSpec", str(error))],
+        if spec.artifact is not None:
+            mounted_path(spec.artifact, settings.artifact_claim)
+    except (SpecError, ValueError) as error:
+        message = str(error) if isinstance(error, SpecError) else f"spec.artifact: {error}"
+        status.phase("Failed", message)
+        status.condition(READY, "False", "InvalidSpec", message)
+        return _finish(observation, status, previous_phase, events=[Event("Warning", "InvalidSpec", message)],
                        requeue=False)
 
     revision = training_revision(spec)
-    job_name = manifests.training_job_name(owner.name, revision)
     status.value.revision = revision
-    status.value.training_job = job_name
-    status.value.artifact_uri = artifact_uri(settings.artifact_claim, owner.namespace, owner.name, revision)
     serving: tuple[Manifest, ...] = ()
     if status.value.serving_revision:
         # Keep the serving revision's Deployment in step with serving-only changes while a new one trains.
         serving = _serving_objects(owner, spec, status.value.serving_revision, observation, settings)
+    if spec.artifact is not None:
+        status.value.artifact_uri = spec.artifact
+        status.condition(TRAINED, "True", "Artifact", f"serves {spec.artifact}, trained elsewhere")
+        return _serve(observation, status, previous_phase, spec, revision, settings)
 
+    job_name = manifests.training_job_name(owner.name, revision)
+    status.value.training_job = job_name
+    status.value.artifact_uri = artifact_uri(settings.artifact_claim, owner.namespace, owner.name, revision)
     job = observation.job
     if job is None:
         status.phase("Training", f"training revision {revision} in Job {job_name}")
@@ -199,34 +211,54 @@ def plan(observation: ModelObservation, settings: OperatorSettings) -> ModelPlan
         status.value.recall = metrics.get(RECALL_METRIC)
     trained_message = f"Job {job_name} succeeded" + ("" if metrics is not None else " (no metrics reported)")
     status.condition(TRAINED, "True", "JobSucceeded", trained_message)
+    return _serve(observation, status, previous_phase, spec, revision, settings)
 
-    status.value.serving_revision = revision
+
+def _serve(observation: ModelObservation, status: _Status, previous_phase: str | None, spec: RecModelSpec,
+           revision: str, settings: OperatorSettings) -> ModelPlan:
+    """The base revision is trained: serve it, or the retrained revision that won since (``spec.retrain``)."""
+    owner = observation.owner
+    extra: tuple[Manifest, ...] = ()
+    delete: tuple[Manifest, ...] = ()
+    events: list[Event] = []
+    serving_revision = revision
+    if spec.retrain is not None:
+        retrain = plan_retrain(owner, spec, revision, status.value.recall, observation.status.get("retrain"),
+                               observation.retrain or RetrainObservation(), observation.now, settings)
+        status.value.retrain = retrain.status
+        extra, delete, events = retrain.apply, retrain.delete, list(retrain.events)
+        if retrain.serving is not None:
+            serving_revision = retrain.serving
+            status.value.metrics = retrain.serving_metrics
+            status.value.recall = (retrain.serving_metrics or {}).get(RECALL_METRIC)
+    status.value.serving_revision = serving_revision
     status.value.endpoint = manifests.endpoint(owner)
-    serving = _serving_objects(owner, spec, revision, observation, settings)
-    state = deployment_state(observation.deployment, revision, spec)
+    serving = _serving_objects(owner, spec, serving_revision, observation, settings)
+    state = deployment_state(observation.deployment, spec)
     if state == "failed":
         message = f"Deployment {manifests.triton_name(owner.name)} exceeded its progress deadline"
         status.phase("Failed", message)
         status.condition(DEPLOYED, "False", "ProgressDeadlineExceeded", message)
         status.condition(READY, "False", "ProgressDeadlineExceeded", message)
-        return _finish(observation, status, previous_phase, apply=serving,
-                       events=[Event("Warning", "DeploymentFailed", message)])
+        return _finish(observation, status, previous_phase, apply=serving + extra, delete=delete,
+                       events=[Event("Warning", "DeploymentFailed", message), *events])
     if state != "available":
-        status.phase("Deploying", f"rolling out revision {revision} on Triton")
-        status.condition(DEPLOYED, "False", "RollingOut", f"revision {revision} is rolling out")
-        return _finish(observation, status, previous_phase, apply=serving)
-    message = f"revision {revision} serves at {status.value.endpoint}"
+        status.phase("Deploying", f"rolling out revision {serving_revision} on Triton")
+        status.condition(DEPLOYED, "False", "RollingOut", f"revision {serving_revision} is rolling out")
+        return _finish(observation, status, previous_phase, apply=serving + extra, delete=delete, events=events,
+                       always=tuple(events))
+    message = f"revision {serving_revision} serves at {status.value.endpoint}"
     status.phase("Ready", message)
     status.condition(DEPLOYED, "True", "Available", message)
     status.condition(READY, "True", "Available", message)
-    return _finish(observation, status, previous_phase, apply=serving,
-                   events=[Event("Normal", "Ready", message)])
+    return _finish(observation, status, previous_phase, apply=serving + extra, delete=delete,
+                   events=[Event("Normal", "Ready", message)], always=tuple(events))
 
 
 def _serving_objects(owner: Owner, spec: RecModelSpec, revision: str, observation: ModelObservation,
                      settings: OperatorSettings) -> tuple[Manifest, ...]:
     objects = [
-        manifests.serving_configmap(owner, spec, revision),
+        manifests.serving_configmap(owner, spec, revision, model_path(owner, spec, revision, settings)),
         manifests.triton_deployment(owner, spec, revision, settings),
         manifests.triton_service(owner, revision),
     ]
@@ -236,8 +268,10 @@ def _serving_objects(owner: Owner, spec: RecModelSpec, revision: str, observatio
 
 
 def _finish(observation: ModelObservation, status: _Status, previous_phase: str | None, *,
-            create: tuple[Manifest, ...] = (), apply: tuple[Manifest, ...] = (),
-            events: Sequence[Event] = (), requeue: bool = True) -> ModelPlan:
-    # Events mark transitions: only when the phase (or, for the first event, the job) is new.
+            create: tuple[Manifest, ...] = (), apply: tuple[Manifest, ...] = (), delete: tuple[Manifest, ...] = (),
+            events: Sequence[Event] = (), always: tuple[Event, ...] = (), requeue: bool = True) -> ModelPlan:
+    # Events mark transitions: only when the phase (or, for the first event, the job) is new. ``always``
+    # are transitions of their own (a retrained revision's outcome) and are posted whatever the phase.
     changed = status.value.phase != previous_phase or bool(create)
-    return ModelPlan(status.value, create, apply, tuple(events) if changed else (), requeue)
+    posted = (*(tuple(e for e in events if e not in always) if changed else ()), *always)
+    return ModelPlan(status.value, create, apply, delete, posted, requeue)

@@ -87,3 +87,24 @@ def artifact_path(namespace: str, model: str, revision: str) -> str:
 def artifact_uri(claim: str, namespace: str, model: str, revision: str) -> str:
     """The revision's artifact as a URI (``pvc://claim/path``), as reported in the status."""
     return f"pvc://{claim}/{namespace}/{model}/{revision}"
+
+
+def mounted_path(uri: str, claim: str) -> str:
+    """Where a ``pvc://<claim>/PATH`` URI on the artifact volume lies inside the pods.
+
+    Raises:
+        ValueError: naming the URI, when it is not on that claim (pods mount no other volume).
+    """
+    prefix = f"pvc://{claim}/"
+    if not uri.startswith(prefix) or ".." in uri.split("/"):
+        raise ValueError(f"{uri!r} is not on the artifact volume: expected {prefix}<path>")
+    return f"{ARTIFACTS_MOUNT}/{uri.removeprefix(prefix)}"
+
+
+FEEDBACK_FOLDER = "feedback"
+
+
+def feedback_path(namespace: str) -> str:
+    """The folder on the artifact volume where a namespace's routers write their feedback logs (one
+    sub-folder per experiment, then per pod) and retrain Jobs read them."""
+    return f"{ARTIFACTS_MOUNT}/{FEEDBACK_FOLDER}/{namespace}"

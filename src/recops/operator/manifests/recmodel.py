@@ -3,6 +3,8 @@ and ServiceMonitor. Pure functions of the validated spec, the revision and the s
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from recops.api.loading import API_VERSION
@@ -21,6 +23,7 @@ from recops.operator.naming import MODEL_LABEL, REVISION_LABEL, child_name, labe
 from recops.operator.settings import OperatorSettings
 
 SPEC_FILE = "recmodel.yaml"
+REVISION_FILE = "revision.json"
 SPEC_MOUNT = "/etc/recops"
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 TRAINING, SERVING = "training", "serving"
@@ -167,32 +170,38 @@ def training_job(owner: Owner, spec: RecModelSpec, revision: str, settings: Oper
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata(owner, name, pod_labels), "spec": job_spec}
 
 
-def serving_configmap(owner: Owner, spec: RecModelSpec, revision: str) -> Manifest:
-    """The current spec for the Triton pods' export step (serving settings may change without retraining)."""
-    return _spec_configmap(owner, triton_name(owner.name), SERVING, spec, revision)
+def serving_configmap(owner: Owner, spec: RecModelSpec, revision: str, model_path: str) -> Manifest:
+    """What the Triton pods serve: the current spec (serving settings may change without retraining) and
+    ``revision.json``, the revision and its model directory. A new revision changes only this file: the
+    reloader beside Triton loads it without restarting anything (hot reload)."""
+    configmap = _spec_configmap(owner, triton_name(owner.name), SERVING, spec, revision)
+    configmap["data"][REVISION_FILE] = json.dumps({"revision": revision, "model": model_path}, sort_keys=True)
+    return configmap
 
 
 def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings: OperatorSettings) -> Manifest:
-    """Triton serving the revision: an init container writes the model repository from the artifact
-    (as KServe's storage initializer does), Triton serves it."""
+    """Triton serving the model in explicit model-control mode: an init container writes the model
+    repository of the revision in ``revision.json`` (as KServe's storage initializer does), Triton
+    serves it, and the reloader sidecar hot-reloads each new revision through Triton's repository API.
+
+    The revision is a label of the Deployment only, never of its pods: a new revision reloads in place;
+    only a serving-settings change (the serving hash) rolls the pods.
+    """
     name = triton_name(owner.name)
-    pod_labels = labels(owner.name, SERVING, **{MODEL_LABEL: owner.name, REVISION_LABEL: revision})
+    pod_labels = labels(owner.name, SERVING, **{MODEL_LABEL: owner.name})
     gpu_flag = "--gpu" if spec.serving.resources.gpu else "--cpu"
+    spec_file, revision_file = f"{SPEC_MOUNT}/{SPEC_FILE}", f"{SPEC_MOUNT}/{REVISION_FILE}"
+    reads_spec = {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}
+    reads_artifacts = {"name": "artifacts", "mountPath": "/artifacts", "readOnly": True}
     export: Manifest = {
         "name": "model-repository",
         "image": settings.triton_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["recops"],
-        "args": ["export", "--model", artifact_path(owner.namespace, owner.name, revision),
-                 "--out", "/models", "--spec", f"{SPEC_MOUNT}/{SPEC_FILE}", gpu_flag],
+        "args": ["export", "--revision-file", revision_file, "--out", "/models", "--spec", spec_file, gpu_flag],
         "env": _scratch_env(),
         "securityContext": container_security(),
-        "volumeMounts": [
-            {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
-            {"name": "artifacts", "mountPath": "/artifacts", "readOnly": True},
-            {"name": "models", "mountPath": "/models"},
-            *_scratch_mounts(),
-        ],
+        "volumeMounts": [reads_spec, reads_artifacts, {"name": "models", "mountPath": "/models"}, *_scratch_mounts()],
     }
     health = {"port": "http"}
     triton: Manifest = {
@@ -200,8 +209,8 @@ def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings:
         "image": settings.triton_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["tritonserver"],
-        "args": ["--model-repository=/models", f"--http-port={TRITON_HTTP}", f"--grpc-port={TRITON_GRPC}",
-                 f"--metrics-port={TRITON_METRICS}"],
+        "args": ["--model-repository=/models", "--model-control-mode=explicit", "--load-model=recops_ensemble",
+                 f"--http-port={TRITON_HTTP}", f"--grpc-port={TRITON_GRPC}", f"--metrics-port={TRITON_METRICS}"],
         "env": _scratch_env(),
         "ports": [
             {"name": "http", "containerPort": TRITON_HTTP},
@@ -221,10 +230,22 @@ def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings:
             *_scratch_mounts(),
         ],
     }
+    reloader: Manifest = {
+        "name": "reloader",
+        "image": settings.triton_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["recops"],
+        "args": ["serve", "reloader", "--watch", revision_file, "--spec", spec_file, "--model-repository", "/models",
+                 "--triton-url", f"http://127.0.0.1:{TRITON_HTTP}", gpu_flag],
+        "env": _scratch_env(),
+        "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+        "securityContext": container_security(),
+        "volumeMounts": [reads_spec, reads_artifacts, {"name": "models", "mountPath": "/models"}, *_scratch_mounts()],
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(owner, name, pod_labels),
+        "metadata": metadata(owner, name, {**pod_labels, REVISION_LABEL: revision}),
         "spec": {
             "replicas": spec.serving.replicas,
             "progressDeadlineSeconds": settings.triton_progress_deadline_seconds,
@@ -239,7 +260,7 @@ def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings:
                 "spec": {
                     "securityContext": pod_security(),
                     "initContainers": [export],
-                    "containers": [triton],
+                    "containers": [triton, reloader],
                     "volumes": [
                         {"name": "spec", "configMap": {"name": name}},
                         artifacts_volume(settings.artifact_claim, read_only=True),

@@ -10,7 +10,15 @@ import yaml
 
 from recops.api.recexperiment import RecExperimentSpec
 from recops.experiments.routing import router_config
-from recops.operator.manifests.common import Manifest, Owner, container_security, metadata, pod_security
+from recops.operator.manifests.common import (
+    FEEDBACK_FOLDER,
+    Manifest,
+    Owner,
+    artifacts_volume,
+    container_security,
+    metadata,
+    pod_security,
+)
 from recops.operator.naming import EXPERIMENT_LABEL, child_name, labels, selector
 from recops.operator.settings import OperatorSettings
 
@@ -70,9 +78,13 @@ def router_deployment(owner: Owner, settings: OperatorSettings) -> Manifest:
         "resources": {"requests": {"cpu": settings.router_cpu, "memory": settings.router_memory},
                       "limits": {"memory": settings.router_memory}},
         "securityContext": container_security(),
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "feedback", "mountPath": FEEDBACK_MOUNT},
+            # The feedback log on the artifact volume, a folder per pod (one writer per file); retrain
+            # Jobs read the namespace's folder (recops.operator.manifests.common.feedback_path).
+            {"name": "artifacts", "mountPath": FEEDBACK_MOUNT,
+             "subPathExpr": f"{FEEDBACK_FOLDER}/{owner.namespace}/{owner.name}/$(POD_NAME)"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
@@ -95,8 +107,7 @@ def router_deployment(owner: Owner, settings: OperatorSettings) -> Manifest:
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": name}},
-                        # The feedback log; the continuous-learning work moves it to a shared volume.
-                        {"name": "feedback", "emptyDir": {}},
+                        artifacts_volume(settings.artifact_claim, read_only=False),
                         {"name": "tmp", "emptyDir": {}},
                     ],
                 },
