@@ -183,9 +183,8 @@ def ab_test(
     **analysis: Any,
 ) -> Iterator[dict[str, Any]]:
     """Models Ready, Prometheus and the router up, the experiment applied and traffic flowing."""
-    from recops.experiments.prometheus_server import PrometheusProcess, poll, prometheus_binary
+    from recops.experiments.prometheus_server import PrometheusProcess, prometheus_binary
     from recops.serving.processes import free_port
-    from recops.serving.router.process import RouterProcess
 
     binary = prometheus_binary()
     assert binary, "these tests need a real Prometheus (apt-get install prometheus)"
@@ -208,6 +207,19 @@ def ab_test(
             "treatment": stack.tritons[treatment],
             "control": stack.tritons["weaker" if treatment == "better" else "better"],
         }
+        with routed(cluster, namespace, stack, name, work, port, prometheus, endpoints, tamper) as traffic:
+            yield {"prometheus": prometheus, "traffic": traffic}
+
+
+@contextlib.contextmanager
+def routed(cluster, namespace: str, stack: Stack, name: str, work: Path, port: int, prometheus: Any,
+           endpoints: dict[str, str], tamper: Callable[[dict], dict] | None = None) -> Iterator[Traffic]:
+    """The experiment ``name``'s router on ``port`` (its ConfigMap synced, arms pointed at ``endpoints``),
+    scraped by ``prometheus``, with simulated shoppers on it until the block ends."""
+    from recops.experiments.prometheus_server import poll
+    from recops.serving.router.process import RouterProcess
+
+    with contextlib.ExitStack() as running:
         sync = ConfigSync(cluster, namespace, name, work / "router.yaml", endpoints, tamper)
         wait_for(sync.sync, "the operator's router ConfigMap", timeout=60)
         sync.thread.start()
@@ -218,7 +230,7 @@ def ab_test(
         poll(lambda: any(s["value"][1] == "1" for s in prometheus.query("up")), 30, "Prometheus to scrape the router")
         traffic = Traffic(router.url, stack).start()
         try:
-            yield {"prometheus": prometheus, "router": router, "traffic": traffic}
+            yield traffic
         finally:
             traffic.stop()
 

@@ -61,15 +61,17 @@ def model_status(cluster: ClusterAccess, namespace: str, name: str = "ranker") -
     return get(cluster, "recmodel", name, namespace).get("status") or {}
 
 
-def write_termination_message(cluster: ClusterAccess, namespace: str, job: str, metrics: dict) -> None:
-    """What the kubelet does when the trainer exits: copy /dev/termination-log into the pod status."""
+def write_termination_message(cluster: ClusterAccess, namespace: str, job: str, metrics: dict,
+                              message: dict | None = None) -> None:
+    """What the kubelet does when the trainer exits: copy /dev/termination-log into the pod status
+    (``{"metrics": metrics}``, as ``recops train`` writes it, or ``message`` as given)."""
     pods = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
     assert pods, f"no pod for Job {job}"
     patch = [
         {
             "op": "add",
             "path": "/status/containerStatuses/0/state/terminated/message",
-            "value": json.dumps({"metrics": metrics}),
+            "value": json.dumps({"metrics": metrics} if message is None else message),
         }
     ]
     cluster.kubectl(

@@ -35,6 +35,7 @@ def test_the_readme_installs_with_helm_and_uses_the_examples():
     commands = "\n".join(readme_commands())
     assert "helm install recops helm/recops" in commands and "helm uninstall recops" in commands
     assert "examples/recmodel-synthetic.yaml" in commands and "examples/recexperiment.yaml" in commands
+    assert "examples/recmodel-retrain.yaml" in commands and "--from=cronjob/shop-live-retrain" in commands
 
 
 def test_readme_kubernetes_commands(cluster, apply_crds, tmp_path: Path):
@@ -73,6 +74,11 @@ def test_readme_kubernetes_commands(cluster, apply_crds, tmp_path: Path):
         assert experiment["status"]["phase"] == "Pending"
         assert "control RecModel 'ranker-v1'" in experiment["status"]["message"]
         assert "Events:" in text  # kubectl describe
+        # Continuous learning: the CronJob the operator made (with the chart's RBAC) started a retrain Job.
+        job = cluster.kubectl.json("get", "job", "shop-live-retrain-now", "-n", "shop")
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"][0] == "retrain" and "--min-new-events" in container["args"]
+        assert job["metadata"]["labels"]["recops.dev/retrain-of"] == "shop-live"
         # After the uninstall: the CRDs and the user's resources are still there.
         assert cluster.kubectl.json("get", "rm", "shop-synthetic", "-n", "shop")["status"]["phase"] == "Ready"
         assert cluster.kubectl("get", "deployment", "recops", "-n", "recops-system", check=False).returncode != 0

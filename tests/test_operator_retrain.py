@@ -227,6 +227,7 @@ def test_a_retrained_revision_that_fails_its_gates_is_rolled_back(phase):
     assert result.status.retrain.history[-1].phase == "RolledBack"
     assert "ctrLift failed" in result.status.retrain.history[-1].message
     assert {m["metadata"]["name"] for m in result.delete} == {"ranker-retrain-100"}
+    assert result.status.to_patch()["retrain"]["candidate"] is None  # a merge patch must clear it explicitly
     assert ("Warning", "RetrainRolledBack") in [(e.type, e.reason) for e in result.events]
 
 

@@ -123,18 +123,44 @@ def test_a_previous_revision_that_is_not_a_model_is_a_clear_error(shop, tmp_path
     assert result.exit_code == 2 and "not an exported model directory" in result.output, result.output
 
 
-def test_a_spec_without_an_event_log_or_a_missing_feedback_log_is_a_clear_error(shop, tmp_path):
+def test_a_missing_feedback_log_is_a_clear_error(shop, tmp_path):
     folder, _, _ = shop
-    synthetic = tmp_path / "synthetic.yaml"
-    synthetic.write_text(yaml.safe_dump({"data": {"source": "synthetic"}}))
-    result = runner.invoke(app, ["retrain", "-f", str(synthetic), "--previous", str(folder / "runs" / "v1"),
-                                 "--feedback", str(folder / "feedback.jsonl"), "--out", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "retrain reads the training events from spec.data.events" in result.output
     result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous",
                                  str(folder / "runs" / "v1"), "--feedback", str(tmp_path / "nope.jsonl"),
                                  "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "nope.jsonl: no such file" in result.output, result.output
     assert not (tmp_path / "b" / "towers.safetensors").exists()
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous",
+                                 str(folder / "runs" / "v1"), "--feedback", str(tmp_path / "empty"),
+                                 "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "no feedback log (*.jsonl) in this folder" in result.output, result.output
+
+
+def test_a_generated_source_retrains_from_its_own_events_and_catalog(shop, tmp_path):
+    """A spec whose data the synthetic generator makes (the shop's, whole): its events are the training
+    events, and the next revision trains on an event log and the catalog written beside it."""
+    folder, _, since = shop
+    spec = yaml.safe_load((folder / "recmodel.yaml").read_text())
+    spec["spec"]["data"] = {"source": "synthetic", "synthetic": {"users": 150, "items": 80, "days": 10, "seed": 4}}
+    (tmp_path / "synthetic.yaml").write_text(yaml.safe_dump(spec))
+    since.write_ndjson(tmp_path / "seen.jsonl")
+    later = since.with_columns(pl.col("timestamp") + 86_400)  # the same events a day later: new ones
+    later.write_ndjson(tmp_path / "later.jsonl")
+
+    def retrain(feedback: str, out: str) -> object:
+        return runner.invoke(app, ["retrain", "-f", str(tmp_path / "synthetic.yaml"), "--previous",
+                                   str(folder / "runs" / "v1"), "--feedback", str(tmp_path / feedback),
+                                   "--out", str(tmp_path / out), "--min-new-events", "1"])
+
+    seen = retrain("seen.jsonl", "seen")
+    assert seen.exit_code == 0 and "nothing to retrain: 0 new feedback events" in seen.output, seen.output
+    result = retrain("later.jsonl", "v2")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "v2" / "retrain.json").read_text())
+    assert record["events"]["new"] == later.unique(subset=list(EVENT_KEY)).height
+    assert pl.read_parquet(tmp_path / "v2" / "data" / "items.parquet").height == 80
+    assert (tmp_path / "v2" / "towers.safetensors").is_file()
 
 
 def test_a_folder_of_router_logs_retrains_only_with_enough_new_events_and_never_twice(shop, tmp_path):

@@ -85,6 +85,15 @@ class RecModelStatus(StatusModel):
     conditions: list[Condition] | None = Field(None, description="Trained, Deployed, Ready.")
     retrain: RetrainStatus | None = Field(None, description="Continuous learning (spec.retrain).")
 
+    def to_patch(self) -> dict[str, Any]:
+        """As :meth:`StatusModel.to_patch`, with a retrain's finished candidate and ended promotion written as
+        null: a merge patch keeps the stored value of a key it leaves out."""
+        patch = super().to_patch()
+        if self.retrain is not None:
+            patch["retrain"].setdefault("candidate", None)
+            patch["retrain"].setdefault("promoted", None)
+        return patch
+
 
 class GateStatus(StatusModel):
     """One gate's last verdict."""

@@ -31,6 +31,13 @@ class CleanLogs:
 
 def load_logs(spec: DataSpec) -> CleanLogs:
     """Read the spec's source and clean it (every drop counted)."""
+    raw_events, items = source_logs(spec)
+    result: CleanResult = clean_events(raw_events, items, spec.cleaning)
+    return CleanLogs(events=result.events, items=items, drops=result.drops, rows_read=result.rows_read)
+
+
+def source_logs(spec: DataSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The spec's raw events (not yet cleaned) and its item catalog."""
     if spec.source == "synthetic":
         from recops.data.synthetic import SyntheticConfig, generate
 
@@ -48,8 +55,7 @@ def load_logs(spec: DataSpec) -> CleanLogs:
         assert spec.events is not None and spec.items is not None
         items = read_items(spec.items)
         raw_events = read_events(spec.events)
-    result: CleanResult = clean_events(raw_events, items, spec.cleaning)
-    return CleanLogs(events=result.events, items=items, drops=result.drops, rows_read=result.rows_read)
+    return raw_events, items
 
 
 def _indexed(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:

@@ -1,7 +1,8 @@
 """``recops retrain``: the next revision from the last one and the feedback the router logged.
 
 The training events are the last revision's own (``previous/data/events.parquet``, written by the
-retrain that made it) or, for a revision trained from the spec, ``spec.data.events``; the feedback log
+retrain that made it) or, for a revision trained from the spec, the spec's source (its event log, or
+the synthetic generator's or MovieLens' events, whose catalog is then written beside); the feedback log
 is one file or a folder of them (the routers write one folder per pod, rotated files beside the current).
 
 0. **Count** the feedback events the training events lack; fewer than ``min_new_events``: nothing to
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import polars as pl
 
-from recops.api.recmodel import RecModelSpec
+from recops.api.recmodel import DataSpec, RecModelSpec
 from recops.data.feature_check import FeatureCheckConfig, FeatureCheckReport, check_features, read_log
-from recops.data.io import DataFormatError, resolve_uri, write_events
+from recops.data.io import DataFormatError, resolve_uri, write_events, write_items
+from recops.data.prepare import source_logs
 from recops.data.schema import EVENT_SCHEMA
 from recops.training.run import run_training
 
@@ -94,13 +96,30 @@ def read_feedback(location: str | Path) -> pl.DataFrame:
 
 
 def training_events_of(spec: RecModelSpec, previous: Path) -> pl.DataFrame:
-    """The events the previous revision trained on: its merged log, or the spec's events."""
+    """The events the previous revision trained on: its merged log, or the spec's own source's."""
     merged = previous / MERGED_EVENTS
     if merged.is_file():
         return read_log(merged)
-    if spec.data.source != "events" or not spec.data.events:
-        raise ValueError("retrain reads the training events from spec.data.events (spec.data.source: events)")
-    return read_log(spec.data.events)
+    if spec.data.source == "events":
+        assert spec.data.events is not None  # the spec validator guarantees it
+        return read_log(spec.data.events)  # with its own dtypes: they are part of what is checked
+    return source_logs(spec.data)[0]
+
+
+def _next_data(spec: RecModelSpec, events: Path, out: Path) -> DataSpec:
+    """The next revision's data: the merged log, the spec's catalog (written beside it when the source
+    generates one), cut to ``spec.retrain.windowDays``."""
+    data = spec.data
+    items = data.items
+    if data.source != "events":
+        items_file = out / "data" / "items.parquet"
+        write_items(source_logs(data)[1], items_file)
+        items = f"file://{items_file.resolve()}"
+    cleaning = data.cleaning
+    if spec.retrain is not None and spec.retrain.window_days is not None:
+        cleaning = cleaning.model_copy(update={"window_days": spec.retrain.window_days})
+    return data.model_copy(update={"source": "events", "events": f"file://{events.resolve()}", "items": items,
+                                   "cleaning": cleaning})
 
 
 def run_retrain(
@@ -116,8 +135,6 @@ def run_retrain(
     With fewer than ``min_new_events`` new feedback events the record has ``skipped`` and nothing is
     trained. Raises :class:`RetrainRefused` (nothing written but the report) when the check fails.
     """
-    if spec.data.source != "events" or not spec.data.events:
-        raise ValueError("retrain reads the training events from spec.data.events (spec.data.source: events)")
     training, online = training_events_of(spec, previous), read_feedback(feedback)
     new = count_new_events(training, online)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +153,7 @@ def run_retrain(
     events = out / MERGED_EVENTS
     events.parent.mkdir(parents=True, exist_ok=True)
     write_events(merged.events, events)
-    data = spec.data.model_copy(update={"events": f"file://{events.resolve()}"})
-    if spec.retrain is not None and spec.retrain.window_days is not None:
-        data = data.model_copy(update={"cleaning": data.cleaning.model_copy(
-            update={"window_days": spec.retrain.window_days})})
-    summary = run_training(spec.model_copy(update={"data": data}), out, warm_start=previous)
+    summary = run_training(spec.model_copy(update={"data": _next_data(spec, events, out)}), out, warm_start=previous)
     record.update(events={**merged.counts(), "new": new}, warm_start=summary["warm_start"], metrics=summary["metrics"])
     (out / "retrain.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     return record
