@@ -35,7 +35,7 @@ from recops.api import RecExperimentSpec, parse_recmodel_spec
 from recops.operator import recmodel as reconciler
 from recops.operator.manifests import recmodel as model_manifests
 from recops.operator.manifests import router as router_manifests
-from recops.operator.manifests.common import RUN_AS_USER, Owner
+from recops.operator.manifests.common import RUN_AS_USER, Owner, artifact_path
 from recops.operator.naming import training_revision
 from recops.operator.settings import OperatorSettings
 from recops.serving import contract
@@ -470,13 +470,34 @@ class LocalContainer:
     """A manifest's container run on this machine: each volume mount is a folder, and the paths in its
     command line and environment point into those folders."""
 
-    def __init__(self, container: dict, root: Path, shared: dict[str, Path], files: dict[str, Path] | None = None):
+    def __init__(self, container: dict, root: Path, shared: dict[str, Path], files: dict[str, Path] | None = None,
+                 pod: dict | None = None):
         self.container = container
+        self.pod = pod or {"name": "pod-0", "labels": {}}
         self.paths: dict[str, Path] = dict(files or {})
         for mount in container.get("volumeMounts", []):
             folder = shared.get(mount["name"], root / mount["name"])
+            sub = mount.get("subPath") or self.expand(mount.get("subPathExpr", ""))
+            folder = folder / sub if sub else folder
             folder.mkdir(parents=True, exist_ok=True)
             self.paths[mount["mountPath"]] = folder
+
+    def field(self, path: str) -> str:
+        """The downward API: the pod's name and labels."""
+        if path == "metadata.name":
+            return self.pod["name"]
+        label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+        assert label, f"the test's downward API lacks {path}"
+        return self.pod["labels"][label[1]]
+
+    def variables(self) -> dict[str, str]:
+        return {var["name"]: var["value"] if "value" in var else self.field(var["valueFrom"]["fieldRef"]["fieldPath"])
+                for var in self.container.get("env", [])}
+
+    def expand(self, text: str) -> str:
+        """``$(VAR)`` as the kubelet expands it in args and subPathExpr."""
+        values = self.variables()
+        return re.sub(r"\$\((\w+)\)", lambda m: values.get(m[1], m[0]), text)
 
     def local(self, value: str) -> str:
         for mounted in sorted(self.paths, key=len, reverse=True):
@@ -492,11 +513,11 @@ class LocalContainer:
     def argv(self, entrypoint: list[str] | None = None) -> list[str]:
         command = self.container.get("command") or entrypoint
         assert command, "neither the container nor the image names a command"
-        argv = [self.local(arg) for arg in [*command, *self.container.get("args", [])]]
+        argv = [self.local(self.expand(arg)) for arg in [*command, *self.container.get("args", [])]]
         return [str(RECOPS) if argv[0] == "recops" else argv[0], *argv[1:]]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **{var["name"]: self.local(var["value"]) for var in self.container.get("env", [])}}
+        return {**os.environ, **{name: self.local(value) for name, value in self.variables().items()}}
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -553,8 +574,12 @@ def exported(trained, artifacts, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("triton-pod")
     init, _ = triton_containers()
     container = LocalContainer(init, root, {"artifacts": artifacts})
-    configmap = model_manifests.serving_configmap(MODEL, SERVING_SPEC, REVISION)
+    configmap = model_manifests.serving_configmap(MODEL, SERVING_SPEC, REVISION,
+                                                  artifact_path(MODEL.namespace, MODEL.name, REVISION))
     for key, text in configmap["data"].items():
+        if key == model_manifests.REVISION_FILE:  # its model path is in the pod's file system: point it here
+            document = json.loads(text)
+            text = json.dumps({**document, "model": container.local(document["model"])})
         container.write(f"{model_manifests.SPEC_MOUNT}/{key}", text)
     run(container.argv(), container.env())
     return Path(container.local("/models"))
@@ -564,7 +589,9 @@ def exported(trained, artifacts, tmp_path_factory) -> Path:
 def test_the_triton_init_container_writes_the_repository_with_the_current_serving_settings(exported):
     assert training_revision(SERVING_SPEC) == REVISION  # the artifact the init container reads
     assert (exported / contract.ENSEMBLE / "config.pbtxt").is_file()
-    ranker = text_format.Parse((exported / contract.RANKER / "config.pbtxt").read_text(), mc.ModelConfig())
+    # The steps carry the revision's name (revision.json), so the reloader can load the next beside them.
+    ranker_dir = exported / f"{contract.RANKER}_{REVISION}"
+    ranker = text_format.Parse((ranker_dir / "config.pbtxt").read_text(), mc.ModelConfig())
     assert ranker.max_batch_size == SERVING_SPEC.serving.max_batch_size != SPEC.serving.max_batch_size
     assert [group.kind for group in ranker.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]  # --cpu
 
@@ -577,11 +604,12 @@ def test_the_triton_container_command_serves_the_repository(exported, tmp_path):
     ports = TritonPorts.free()
     local = {"--model-repository": str(exported), "--http-port": str(ports.http), "--grpc-port": str(ports.grpc),
              "--metrics-port": str(ports.metrics)}
+    as_is = {"--model-control-mode", "--load-model"}  # explicit model control: the ensemble and its steps
     args = []
     for arg in container["args"]:
         flag = arg.partition("=")[0]
-        assert flag in local, f"the Triton container passes {flag}, which this test does not map"
-        args.append(f"{flag}={local[flag]}")
+        assert flag in local or flag in as_is, f"the Triton container passes {flag}, which this test does not map"
+        args.append(arg if flag in as_is else f"{flag}={local[flag]}")
 
     class ManifestTriton(TritonServer):
         """The manifest's tritonserver command line; this machine adds loopback addresses and the
@@ -598,6 +626,12 @@ def test_the_triton_container_command_serves_the_repository(exported, tmp_path):
             path = container[probe]["httpGet"]["path"]
             with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as response:
                 assert response.status == 200, probe
+        # Explicit model control: --load-model loaded the ensemble and, with it, the revision's steps.
+        request = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            ready = {entry["name"] for entry in json.load(response) if entry.get("state") == "READY"}
+        assert ready == {contract.ENSEMBLE, *(f"{step}_{REVISION}" for step in
+                                              (contract.PREPROCESS, contract.RANKER, contract.POSTPROCESS))}
 
 
 def test_the_router_container_command_serves_its_health_endpoints(tmp_path):
