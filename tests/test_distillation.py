@@ -76,6 +76,13 @@ def test_training_with_a_teacher_reports_it_beside_the_student(tiny_model, tmp_p
     assert summary["teacher"] == {"artifact": f"file://{teacher_dir}", "metrics": {"recall@20": 0.25},
                                   "temperature": 2.0, "weight": 0.5}
     assert "recall@20" in summary["metrics"]["twotower"]
+    # What the trainer reports for the RecModel status: the student's metrics and the teacher's side by side.
+    from recops.cli import reported_metrics
+    from recops.operator.termination import numeric
+
+    reported = numeric(reported_metrics(summary))
+    assert reported["teacher.recall@20"] == 0.25
+    assert reported["recall@20"] == summary["metrics"]["twotower"]["recall@20"]
 
 
 def test_the_soft_term_follows_the_weight_and_skips_unknown_items():

@@ -7,6 +7,12 @@ Layout::
     REPO/recops_ranker/{config.pbtxt,1/model.py,1/artifact/}
     REPO/recops_postprocess/{config.pbtxt,1/model.py}
 
+With a revision R (``recops export --revision R``) the three steps are named
+``recops_preprocess_<R>``, ``recops_ranker_<R>`` and ``recops_postprocess_<R>`` (R made
+safe for a model name by :func:`revision_suffix`) and ``recops_ensemble`` names them: a new
+revision's steps can then be loaded beside the serving ones and the ensemble switched to
+them in one reload (``recops.serving.hot_reload``). Clients always call ``recops_ensemble``.
+
 Each ``model.py`` is a two-line shim importing a class from
 ``recops.serving.triton_models``: the code Triton runs is the installed
 ``recops`` (the same in the NGC image and here), and the artifact holds only the
@@ -16,7 +22,12 @@ from tritonclient) built by pure functions of the serving spec.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -36,7 +47,7 @@ SERVING_FILES = (
     "feature_schema.json",
     "metrics.json",
 )
-ARTIFACT = f"{c.RANKER}/1/artifact"  # relative to the repository root
+ARTIFACT = f"{c.RANKER}/1/artifact"  # relative to the repository root (layout without a revision)
 
 # Tensors between the steps (names private to the repository).
 HISTORY_ITEMS, HISTORY_MASK, K_OUT, CANDIDATE_INDEX, TOP_INDEX = (
@@ -57,12 +68,71 @@ class RepositoryError(ValueError):
     """The model directory cannot be turned into a repository (missing files, bad target)."""
 
 
+# Characters kept in a revision suffix: safe in a folder name, a Triton model name and a metric label.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_SUFFIX = 64
+
+
+def revision_suffix(revision: str) -> str:
+    """``revision`` as a model-name suffix: unsafe characters become ``_``.
+
+    When anything had to change (or the name was too long) a short hash of the original is
+    appended, so two revisions that differ only in such characters ("v1.0", "v1_0") never share
+    step names.
+    """
+    if not revision or not revision.strip():
+        raise RepositoryError("a revision must be a non-empty string")
+    safe = _UNSAFE.sub("_", revision)
+    if safe == revision and len(safe) <= _MAX_SUFFIX:
+        return safe
+    digest = hashlib.sha256(revision.encode()).hexdigest()[:8]
+    return f"{safe[: _MAX_SUFFIX - 9]}_{digest}"
+
+
+@dataclass(frozen=True)
+class StepNames:
+    """The model names of the ensemble's three steps (one revision's, or the unrevisioned ones)."""
+
+    preprocess: str
+    ranker: str
+    postprocess: str
+
+    @classmethod
+    def for_revision(cls, revision: str | None) -> StepNames:
+        """``recops_<step>_<suffix>``; without a revision the historical names ``recops_<step>``."""
+        if revision is None:
+            return cls(c.PREPROCESS, c.RANKER, c.POSTPROCESS)
+        suffix = revision_suffix(revision)
+        return cls(f"{c.PREPROCESS}_{suffix}", f"{c.RANKER}_{suffix}", f"{c.POSTPROCESS}_{suffix}")
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        """The names in ensemble order."""
+        return (self.preprocess, self.ranker, self.postprocess)
+
+    @property
+    def artifact(self) -> str:
+        """Where the exported files live, relative to the repository root (inside the ranker)."""
+        return f"{self.ranker}/1/artifact"
+
+    @property
+    def revision(self) -> str | None:
+        """The revision suffix these names carry (``None`` for the unrevisioned layout)."""
+        suffix = self.ranker.removeprefix(c.RANKER)
+        return suffix.removeprefix("_") or None
+
+
+DEFAULT_STEPS = StepNames.for_revision(None)
+# A step model's folder: recops_<step> or recops_<step>_<suffix>; the group is the suffix.
+STEP_FOLDER = re.compile(rf"^(?:{c.PREPROCESS}|{c.RANKER}|{c.POSTPROCESS})(?:_([A-Za-z0-9_-]+))?$")
+
+
 def _tensor(name: str, data_type: int, dims: list[int], ragged: bool = False, optional: bool = False) -> dict:
     return {"name": name, "data_type": data_type, "dims": dims, "allow_ragged_batch": ragged, "optional": optional}
 
 
 def _python_model(
-    name: str, serving: ServingSpec, inputs: list[dict], outputs: list[dict], kind: int, count: int
+    name: str, serving: ServingSpec, inputs: list[dict], outputs: list[dict], kind: int, count: int, artifact: str
 ) -> mc.ModelConfig:
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=serving.max_batch_size)
     for spec in inputs:
@@ -71,14 +141,14 @@ def _python_model(
         config.output.add(name=spec["name"], data_type=spec["data_type"], dims=spec["dims"])
     config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_microseconds
     config.instance_group.add(count=count, kind=kind)
-    config.parameters["artifact"].string_value = ARTIFACT
+    config.parameters["artifact"].string_value = artifact
     return config
 
 
-def preprocess_config(serving: ServingSpec, history_length: int) -> mc.ModelConfig:
+def preprocess_config(serving: ServingSpec, history_length: int, steps: StepNames = DEFAULT_STEPS) -> mc.ModelConfig:
     """Request ids → padded history indices with the training feature code; refuses bad requests."""
     return _python_model(
-        c.PREPROCESS,
+        steps.preprocess,
         serving,
         inputs=[
             _tensor(c.USER_ID, mc.TYPE_STRING, [1]),
@@ -94,13 +164,16 @@ def preprocess_config(serving: ServingSpec, history_length: int) -> mc.ModelConf
         ],
         kind=mc.ModelInstanceGroup.KIND_CPU,
         count=serving.instance_count,
+        artifact=steps.artifact,
     )
 
 
-def ranker_config(serving: ServingSpec, history_length: int, gpu: bool) -> mc.ModelConfig:
+def ranker_config(
+    serving: ServingSpec, history_length: int, gpu: bool, steps: StepNames = DEFAULT_STEPS
+) -> mc.ModelConfig:
     """User vectors, top-k retrieval and the heads, through ``recops.kernels``; on GPU when asked."""
     return _python_model(
-        c.RANKER,
+        steps.ranker,
         serving,
         inputs=[
             _tensor(HISTORY_ITEMS, mc.TYPE_INT64, [history_length]),
@@ -116,23 +189,25 @@ def ranker_config(serving: ServingSpec, history_length: int, gpu: bool) -> mc.Mo
         ],
         kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
         count=serving.instance_count,
+        artifact=steps.artifact,
     )
 
 
-def postprocess_config(serving: ServingSpec) -> mc.ModelConfig:
+def postprocess_config(serving: ServingSpec, steps: StepNames = DEFAULT_STEPS) -> mc.ModelConfig:
     """Item indices → item ids."""
     return _python_model(
-        c.POSTPROCESS,
+        steps.postprocess,
         serving,
         inputs=[_tensor(TOP_INDEX, mc.TYPE_INT64, [-1], ragged=True)],
         outputs=[_tensor(c.ITEM_IDS, mc.TYPE_STRING, [-1])],
         kind=mc.ModelInstanceGroup.KIND_CPU,
         count=serving.instance_count,
+        artifact=steps.artifact,
     )
 
 
-def ensemble_config(serving: ServingSpec) -> mc.ModelConfig:
-    """The public model: what the router calls."""
+def ensemble_config(serving: ServingSpec, steps: StepNames = DEFAULT_STEPS) -> mc.ModelConfig:
+    """The public model: what the router calls, wired to ``steps``."""
     config = mc.ModelConfig(name=c.ENSEMBLE, platform="ensemble", max_batch_size=serving.max_batch_size)
     config.input.add(name=c.USER_ID, data_type=mc.TYPE_STRING, dims=[1])
     config.input.add(name=c.HISTORY, data_type=mc.TYPE_STRING, dims=[-1])
@@ -141,47 +216,100 @@ def ensemble_config(serving: ServingSpec) -> mc.ModelConfig:
     config.output.add(name=c.ITEM_IDS, data_type=mc.TYPE_STRING, dims=[-1])
     for name in (c.SCORES, c.CLICK, c.LIKE):
         config.output.add(name=name, data_type=mc.TYPE_FP32, dims=[-1])
-    steps = config.ensemble_scheduling.step
-    pre = steps.add(model_name=c.PREPROCESS, model_version=-1)
+    scheduling = config.ensemble_scheduling.step
+    pre = scheduling.add(model_name=steps.preprocess, model_version=-1)
     for name in (c.USER_ID, c.HISTORY, c.K, c.CANDIDATES):
         pre.input_map[name] = name
     for name in (HISTORY_ITEMS, HISTORY_MASK, K_OUT, CANDIDATE_INDEX):
         pre.output_map[name] = name.lower()
-    rank = steps.add(model_name=c.RANKER, model_version=-1)
+    rank = scheduling.add(model_name=steps.ranker, model_version=-1)
     for name in (HISTORY_ITEMS, HISTORY_MASK, K_OUT, CANDIDATE_INDEX):
         rank.input_map[name] = name.lower()
     rank.output_map[TOP_INDEX] = TOP_INDEX.lower()
     for name in (c.SCORES, c.CLICK, c.LIKE):
         rank.output_map[name] = name
-    post = steps.add(model_name=c.POSTPROCESS, model_version=-1)
+    post = scheduling.add(model_name=steps.postprocess, model_version=-1)
     post.input_map[TOP_INDEX] = TOP_INDEX.lower()
     post.output_map[c.ITEM_IDS] = c.ITEM_IDS
     return config
 
 
-def model_configs(serving: ServingSpec, history_length: int, gpu: bool = False) -> dict[str, mc.ModelConfig]:
-    """Every model of the repository, by name."""
+def ensemble_steps(config: mc.ModelConfig) -> StepNames:
+    """The step names an ensemble config points at (the revision it serves)."""
+    names = [step.model_name for step in config.ensemble_scheduling.step]
+    if len(names) != 3:
+        raise RepositoryError(f"{config.name} has {len(names)} steps, expected preprocess, ranker, postprocess")
+    return StepNames(*names)
+
+
+def step_configs(
+    serving: ServingSpec, history_length: int, gpu: bool = False, steps: StepNames = DEFAULT_STEPS
+) -> dict[str, mc.ModelConfig]:
+    """The three step models of one revision, by name."""
     return {
-        c.ENSEMBLE: ensemble_config(serving),
-        c.PREPROCESS: preprocess_config(serving, history_length),
-        c.RANKER: ranker_config(serving, history_length, gpu),
-        c.POSTPROCESS: postprocess_config(serving),
+        steps.preprocess: preprocess_config(serving, history_length, steps),
+        steps.ranker: ranker_config(serving, history_length, gpu, steps),
+        steps.postprocess: postprocess_config(serving, steps),
     }
 
 
-def build_repository(
-    model_dir: Path, out: Path, gpu: bool | None = None, serving: ServingSpec | None = None
-) -> Path:
-    """Write the Triton model repository of an exported model directory; returns ``out``.
+def model_configs(
+    serving: ServingSpec, history_length: int, gpu: bool = False, revision: str | None = None
+) -> dict[str, mc.ModelConfig]:
+    """Every model of the repository, by name (steps named after ``revision`` when given)."""
+    steps = StepNames.for_revision(revision)
+    return {c.ENSEMBLE: ensemble_config(serving, steps), **step_configs(serving, history_length, gpu, steps)}
 
-    ``serving`` overrides the serving settings the model was trained with (the operator passes the
-    RecModel's current ones: a serving-only change needs no retraining). ``gpu`` places the ranker
-    on ``KIND_GPU``; by default it follows ``serving.resources.gpu``. The feature schema is checked here as well as at
-    serving start-up, so a stale model fails at export, not on the first request.
-    """
+
+def config_text(config: mc.ModelConfig) -> str:
+    """``config.pbtxt`` content of a model config."""
+    return text_format.MessageToString(config)
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt``."""
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` in one rename: a reader (Triton, a restarted pod) sees the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_ensemble(out: Path, config: mc.ModelConfig) -> Path:
+    """Write (or atomically replace) ``out/recops_ensemble``; returns its config path."""
+    folder = Path(out) / c.ENSEMBLE
+    (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even an empty one
+    path = folder / "config.pbtxt"
+    write_text_atomically(path, config_text(config))
+    return path
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An exported model directory, checked, with what the repository needs from it."""
+
+    model_dir: Path
+    serving: ServingSpec
+    history_length: int
+    gpu: bool
+
+
+def check_model(model_dir: Path, gpu: bool | None = None, serving: ServingSpec | None = None) -> ExportedModel:
+    """Check an exported model directory (files, feature schema) and settle its serving settings."""
     from recops.training.export import load_serving_metadata
 
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise RepositoryError(f"model directory {model_dir} does not exist")
     missing = [name for name in SERVING_FILES if not (model_dir / name).is_file()]
     if missing:
         raise RepositoryError(f"{model_dir} is not an exported recops model: missing {', '.join(missing)}")
@@ -193,20 +321,60 @@ def build_repository(
 
     serving = serving or load_recmodel_spec(model_dir / "spec.yaml").serving
     use_gpu = serving.resources.gpu > 0 if gpu is None else gpu
+    return ExportedModel(model_dir, serving, schema.history_length, use_gpu)
+
+
+def write_steps(model: ExportedModel, out: Path, steps: StepNames = DEFAULT_STEPS) -> StepNames:
+    """Write one revision's three step models (configs, shims, artifact) into ``out``; returns ``steps``.
+
+    Folders of those names are replaced; nothing else in ``out`` is touched, so this is safe on a
+    live repository as long as ``steps`` are not the ones serving (the caller checks).
+    """
+    out = Path(out)
+    kinds = dict(zip(steps.all, ("preprocess", "ranker", "postprocess"), strict=True))
+    for name, config in step_configs(model.serving, model.history_length, model.gpu, steps).items():
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)  # a leftover of an interrupted attempt: rewrite it whole
+        (folder / "1").mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(config_text(config))
+        module = f"recops.serving.triton_models.{kinds[name]}"
+        (folder / "1" / "model.py").write_text(_SHIM.format(module=module))
+        # A file where Python would put 1/__pycache__/model.*.pyc: the stub then cannot cache the shim
+        # (Python skips that silently). A .pyc written after the load makes the folder look modified,
+        # and an explicit-mode load of recops_ensemble reloads every composing model it finds
+        # modified: a hot reload's switch would then restart all three steps (seconds) instead of
+        # only swapping the ensemble (milliseconds).
+        (folder / "1" / "__pycache__").write_text("")
+    artifact = out / steps.artifact
+    artifact.mkdir(parents=True)
+    for name in SERVING_FILES:
+        shutil.copy2(model.model_dir / name, artifact / name)
+    return steps
+
+
+def build_repository(
+    model_dir: Path,
+    out: Path,
+    gpu: bool | None = None,
+    serving: ServingSpec | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Write the Triton model repository of an exported model directory; returns ``out``.
+
+    ``serving`` overrides the serving settings the model was trained with (the operator passes the
+    RecModel's current ones: a serving-only change needs no retraining). ``gpu`` places the ranker
+    on ``KIND_GPU``; by default it follows ``serving.resources.gpu``. The feature schema is checked here as well as at
+    serving start-up, so a stale model fails at export, not on the first request. With ``revision``
+    the steps are named after it (see the module's docstring), ready for hot reloads.
+    """
+    model = check_model(model_dir, gpu, serving)
+    steps = StepNames.for_revision(revision)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / c.ENSEMBLE / "config.pbtxt").is_file():
             raise RepositoryError(f"{out} exists and is not a recops repository; refusing to overwrite it")
         shutil.rmtree(out)
-    for name, config in model_configs(serving, schema.history_length, use_gpu).items():
-        folder = out / name
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
-        if config.backend == "python":
-            module = f"recops.serving.triton_models.{name.removeprefix('recops_')}"
-            (folder / "1" / "model.py").write_text(_SHIM.format(module=module))
-    artifact = out / ARTIFACT
-    artifact.mkdir(parents=True)
-    for name in SERVING_FILES:
-        shutil.copy2(model_dir / name, artifact / name)
+    write_steps(model, out, steps)
+    write_ensemble(out, ensemble_config(model.serving, steps))
     return out

@@ -96,6 +96,11 @@ class TritonServer:
     """Start ``tritonserver`` on loopback for a model repository; stop it on exit.
 
     Use as a context manager: ``with TritonServer(repo) as server: server.http_url``.
+
+    ``explicit_models`` (a tuple, possibly empty) starts Triton with ``--model-control-mode=explicit``
+    and loads only those models (``--load-model``); the repository API (load/unload) is then open,
+    which hot reloads need. Loading ``recops_ensemble`` loads the steps it names too. ``None`` (the
+    default) keeps Triton's default mode: every model in the repository is loaded at start.
     """
 
     def __init__(
@@ -104,10 +109,12 @@ class TritonServer:
         ports: TritonPorts | None = None,
         log_path: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        explicit_models: tuple[str, ...] | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.ports = ports or TritonPorts.free()
         self.extra_args = extra_args
+        self.explicit_models = explicit_models
         self._scratch = tempfile.TemporaryDirectory(prefix="recops-triton-")
         self.log_path = log_path or Path(self._scratch.name) / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -136,8 +143,15 @@ class TritonServer:
             f"--grpc-port={self.ports.grpc}",
             "--metrics-address=127.0.0.1",
             f"--metrics-port={self.ports.metrics}",
+            *self.model_control_args(),
             *self.extra_args,
         ]
+
+    def model_control_args(self) -> list[str]:
+        """``--model-control-mode=explicit`` and one ``--load-model`` per model, when explicit."""
+        if self.explicit_models is None:
+            return []
+        return ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.explicit_models)]
 
     def start(self, timeout: float = 60.0) -> TritonServer:
         """Start the server and wait until it reports ready."""

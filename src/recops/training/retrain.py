@@ -154,6 +154,7 @@ def run_retrain(
     events.parent.mkdir(parents=True, exist_ok=True)
     write_events(merged.events, events)
     summary = run_training(spec.model_copy(update={"data": _next_data(spec, events, out)}), out, warm_start=previous)
-    record.update(events={**merged.counts(), "new": new}, warm_start=summary["warm_start"], metrics=summary["metrics"])
+    record.update(events={**merged.counts(), "new": new}, warm_start=summary["warm_start"], metrics=summary["metrics"],
+                  teacher=summary["teacher"])
     (out / "retrain.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     return record

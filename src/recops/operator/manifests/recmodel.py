@@ -21,12 +21,14 @@ from recops.operator.manifests.common import (
 )
 from recops.operator.naming import MODEL_LABEL, REVISION_LABEL, child_name, labels, selector, serving_hash
 from recops.operator.settings import OperatorSettings
+from recops.serving.contract import ENSEMBLE
 
 SPEC_FILE = "recmodel.yaml"
 REVISION_FILE = "revision.json"
 SPEC_MOUNT = "/etc/recops"
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 TRAINING, SERVING = "training", "serving"
+ENSEMBLE_READY = f"/v2/models/{ENSEMBLE}/ready"
 
 
 def training_job_name(model: str, revision: str) -> str:
@@ -209,7 +211,7 @@ def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings:
         "image": settings.triton_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["tritonserver"],
-        "args": ["--model-repository=/models", "--model-control-mode=explicit", "--load-model=recops_ensemble",
+        "args": ["--model-repository=/models", "--model-control-mode=explicit", f"--load-model={ENSEMBLE}",
                  f"--http-port={TRITON_HTTP}", f"--grpc-port={TRITON_GRPC}", f"--metrics-port={TRITON_METRICS}"],
         "env": _scratch_env(),
         "ports": [
@@ -217,10 +219,12 @@ def triton_deployment(owner: Owner, spec: RecModelSpec, revision: str, settings:
             {"name": "grpc", "containerPort": TRITON_GRPC},
             {"name": "metrics", "containerPort": TRITON_METRICS},
         ],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", **health}, "periodSeconds": 5},
+        # Ready means the ensemble answers. Not /v2/health/ready: in explicit mode it is 400 while any model
+        # loads (every hot reload would take the pod out of the Service) and stays 400 after a failed load.
+        "readinessProbe": {"httpGet": {"path": ENSEMBLE_READY, **health}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", **health}, "periodSeconds": 10,
                           "failureThreshold": 6},
-        "startupProbe": {"httpGet": {"path": "/v2/health/ready", **health}, "periodSeconds": 5,
+        "startupProbe": {"httpGet": {"path": ENSEMBLE_READY, **health}, "periodSeconds": 5,
                          "failureThreshold": 120},
         "resources": resources(spec.serving.resources),
         "securityContext": container_security(),
