@@ -82,3 +82,37 @@ def test_kernel_benchmark_writes_both_implementations_per_configuration(tmp_path
         assert row["recops_ms"] > 0 and row["torch_ms"] > 0 and row["agree"] == 1.0  # the same items as torch
     assert all(row["rows"] == row["users"] * 10 for row in report["features"])
     assert set(report["meets_targets"]) == {"retrieval_speedup", "retrieval_roofline_fraction"}
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_compares_students_with_their_teacher(tmp_path):
+    """--quick: three tiny models (MiniLM 6 layers vs its first 2) and the serving cost, teacher and student."""
+    out = tmp_path / "distillation.json"
+    report = _load("distillation").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=float))
+    models = report["models"]
+    assert set(models) == {"teacher", "student_distilled", "student_plain"}
+    assert models["teacher"]["size"]["backbone_layers"] == 6
+    for name in ("student_distilled", "student_plain"):
+        assert models[name]["size"]["backbone_layers"] == 2
+        assert models[name]["size"]["embedding_dim"] < models["teacher"]["size"]["embedding_dim"]
+        for metric in ("recall@20", "ndcg@20"):  # the ratios are computed from this run's own figures
+            teacher = models["teacher"][metric]
+            expected = models[name][metric] / teacher if teacher else None
+            assert report["ratios"][name][metric] == pytest.approx(expected)
+    serving = report["serving"]
+    for kind in ("request", "recommend"):
+        assert set(serving[kind]) == {"batch_1", "batch_8"}
+        for batch, per_model in serving[kind].items():
+            for stat in ("p50_ms", "p99_ms"):
+                assert per_model["teacher"][stat] > 0 and per_model["student_distilled"][stat] > 0
+                assert report["ratios"]["latency"][f"{kind}_{batch}_{stat}"] == pytest.approx(
+                    per_model["student_distilled"][stat] / per_model["teacher"][stat])
+    encoding = serving["item_encoding"]
+    assert encoding["teacher"]["items_per_s"] > 0 and encoding["student_distilled"]["items_per_s"] > 0
+    recall = report["targets"]["recall_at_20_ratio"]
+    assert recall["met"] == (recall["value"] >= 0.95)
+    assert report["targets"]["request_latency_p50_ratio"]["met"] == all(
+        v <= 0.5 for v in report["targets"]["request_latency_p50_ratio"]["value"].values())
+    # The student's training summary carries the teacher's own metrics beside its own.
+    assert report["teacher_in_student_summary"]["metrics"]["recall@20"] == models["teacher"]["recall@20"]
