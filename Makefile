@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install system-deps cuda-toolchain kernels demo test lint images clean
+.PHONY: install system-deps cuda-toolchain kernels kafka demo test lint images clean
 
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,24 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
+
+# A real Apache Kafka broker (KRaft) for the router's Kafka feedback tests: Maven (Debian's, installed when
+# missing) copies the broker jars that tests/kafka/pom.xml names into ~/.cache/recops; a no-op once cached.
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
+KAFKA_HOME ?= $(HOME)/.cache/recops/kafka-$(KAFKA_VERSION)
+$(KAFKA_HOME)/.complete: tests/kafka/pom.xml
+	@for tool in mvn java; do command -v $$tool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing maven from Debian"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends maven >/dev/null; \
+	  else echo "make kafka needs $$tool (e.g. sudo apt-get install maven)"; exit 1; fi; }; done
+	rm -rf $(KAFKA_HOME)/libs.tmp
+	mvn -q -B -f tests/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+	  -DoutputDirectory=$(KAFKA_HOME)/libs.tmp
+	rm -rf $(KAFKA_HOME)/libs && mv $(KAFKA_HOME)/libs.tmp $(KAFKA_HOME)/libs
+	touch $@
+
+kafka: $(KAFKA_HOME)/.complete
 
 # nvcc from PyPI at the CUDA version of torch's runtime wheel: compiles the CUDA kernels without a GPU.
 $(VENV)/.cuda-toolchain: $(BIN)/recops
@@ -50,7 +68,7 @@ demo: install
 ## Lint, then every test: unit and component tests (tests/; the CUDA kernels are compiled, and their device
 ## code run on the CPU through an emulation), then the operator on a local Kubernetes
 ## control plane (e2e_tests/; its binaries are built from Go modules on first use and cached).
-test: install system-deps cuda-toolchain
+test: install system-deps cuda-toolchain kafka
 	$(BIN)/ruff check src tests e2e_tests benchmarks
 	$(BIN)/python -m pytest
 

@@ -68,10 +68,7 @@ def train(
         return
     _print_metrics(summary["metrics"])
     console.print(f"model: {out}\nreport: {out / 'report.html'}")
-    # The trainer image's termination message: the operator copies it into the RecModel status.
-    termination_log = os.environ.get("RECOPS_TERMINATION_LOG")
-    if termination_log:
-        Path(termination_log).write_text(json.dumps({"metrics": summary["metrics"]["twotower"]}))
+    _write_termination_message({"metrics": reported_metrics(summary)})
 
 
 @app.command()
@@ -91,8 +88,10 @@ def prepare(file: SpecFile) -> None:
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model directory (train --out DIR).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Triton model repository to write.")],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Exported model directory (train --out DIR).")
+    ] = None,
     gpu: Annotated[
         bool | None, typer.Option("--gpu/--cpu", help="Ranker on KIND_GPU or KIND_CPU (default: the spec's GPUs).")
     ] = None,
@@ -100,13 +99,33 @@ def export(
         Path | None,
         typer.Option("--spec", help="RecModel whose serving settings to use (default: those it was trained with)."),
     ] = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="Name the steps recops_<step>_<REVISION> (hot-reloadable; see 'recops serve reloader')."),
+    ] = None,
+    revision_file: Annotated[
+        Path | None,
+        typer.Option(help='Take --model and --revision from this JSON file, {"revision": ..., "model": ...} '
+                     "(what the reloader watches; the Triton pods' init container reads it)."),
+    ] = None,
 ) -> None:
     """Write the Triton model repository (ensemble of preprocess, ranker, postprocess) of a model."""
+    from recops.serving.hot_reload import WatchFileError, parse_watch_file
     from recops.serving.repository import RepositoryError, build_repository
 
+    if revision_file is not None:
+        if model is not None or revision is not None:
+            raise _fail("--revision-file names the model and the revision: give it without --model and --revision")
+        try:
+            target = parse_watch_file(revision_file.read_text())
+        except (OSError, WatchFileError) as error:
+            raise _fail(f"--revision-file {revision_file}: {error}") from None
+        model, revision = target.model, target.revision
+    if model is None:
+        raise _fail("give --model (an exported model directory) or --revision-file")
     serving = _read_spec(spec_file).serving if spec_file is not None else None
     try:
-        build_repository(model, out, gpu=gpu, serving=serving)
+        build_repository(model, out, gpu=gpu, serving=serving, revision=revision)
     except RepositoryError as error:
         raise _fail(str(error)) from None
     console.print(f"triton repository: {out}")
@@ -153,12 +172,35 @@ def check_features_command(
     console.print(f"the online log ({result.online_rows} rows) matches the training data ({result.training_rows} rows)")
 
 
+def reported_metrics(summary: dict) -> dict:
+    """The model's metrics and serving cost (``serving.*``) for the RecModel status; a distilled student's
+    teacher's beside them (``teacher.*``, ``teacher.serving.*``), so quality and cost compare side by side."""
+    teacher = summary.get("teacher") or {}
+    parts = {
+        "": summary["metrics"]["twotower"],
+        "serving.": summary.get("serving"),
+        "teacher.": teacher.get("metrics"),
+        "teacher.serving.": teacher.get("serving"),
+    }
+    return {f"{prefix}{name}": value for prefix, values in parts.items() for name, value in (values or {}).items()}
+
+
+def _write_termination_message(message: dict) -> None:
+    """The trainer image's termination message: the operator copies it into the RecModel status."""
+    termination_log = os.environ.get("RECOPS_TERMINATION_LOG")
+    if termination_log:
+        Path(termination_log).write_text(json.dumps(message, default=float))
+
+
 @app.command()
 def retrain(
     file: SpecFile,
     previous: Annotated[Path, typer.Option(help="The last revision's model directory (train --out DIR).")],
-    feedback: Annotated[Path, typer.Option(help="The router's feedback log (JSONL), events since that revision.")],
+    feedback: Annotated[str, typer.Option(
+        help="The router's feedback log: a JSONL file or a folder of them (file://, pvc:// or a path).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of the new revision.")],
+    min_new_events: Annotated[int, typer.Option(
+        min=0, help="Train only when the feedback holds at least this many events the last revision lacks.")] = 0,
     psi_threshold: PsiThreshold = 0.2,
     max_out_of_range: MaxOutOfRange = 0.01,
     max_null_change: MaxNullChange = 0.1,
@@ -170,9 +212,11 @@ def retrain(
     from recops.training.retrain import RetrainRefused, run_retrain
     from recops.training.run import TrainingFailed
 
+    if not previous.is_dir():
+        raise _fail(f"--previous: not a directory: {previous} (the last revision's model directory)")
     try:
         config = FeatureCheckConfig(psi_threshold, max_out_of_range, max_null_change)
-        record = run_retrain(spec, previous, feedback, out, config)
+        record = run_retrain(spec, previous, feedback, out, config, min_new_events=min_new_events)
     except RetrainRefused as refused:
         _print_findings(refused.report.failed)
         console.print(f"[bold red]refusing to train:[/] {refused} (report: {out / 'retrain.json'})")
@@ -180,12 +224,17 @@ def retrain(
     except (ValueError, DataFormatError, TrainingFailed) as error:
         raise _fail(str(error)) from None
     counts = record["events"]
+    if "skipped" in record:
+        console.print(f"nothing to retrain: {record['skipped']}")
+        _write_termination_message({"skipped": record["skipped"], "events": counts})
+        return
     console.print(
         f"events: {counts['training']} training + {counts['feedback']} feedback - {counts['duplicates']} "
-        f"logged twice = {counts['merged']}; warm start from {previous}"
+        f"logged twice = {counts['merged']} ({counts['new']} new); warm start from {previous}"
     )
     _print_metrics(record["metrics"])
     console.print(f"model: {out}\nreport: {out / 'report.html'}")
+    _write_termination_message({"metrics": reported_metrics(record), "events": counts})
 
 
 @app.command()
@@ -320,6 +369,13 @@ def serve_triton(
     http_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port.")] = 8002,
+    load_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Explicit model control: load only this model at start (repeatable; recops_ensemble loads its "
+            "steps too) and open the load/unload API that 'recops serve reloader' uses."
+        ),
+    ] = None,
 ) -> None:
     """Start a real Triton server (from the nvidia-pytriton wheel) on 127.0.0.1 until Ctrl-C."""
     import signal
@@ -328,7 +384,7 @@ def serve_triton(
     from recops.serving.triton_server import TritonError, TritonPorts, TritonServer, free_port
 
     ports = TritonPorts(*(port or free_port() for port in (http_port, grpc_port, metrics_port)))
-    server = TritonServer(repo, ports)
+    server = TritonServer(repo, ports, explicit_models=tuple(load_model) if load_model else None)
     try:
         server.start()
     except TritonError as error:
@@ -343,6 +399,44 @@ def serve_triton(
             raise _fail(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
     server.close()
     console.print("triton stopped")
+
+
+@serve_app.command("reloader")
+def serve_reloader(
+    watch: Annotated[
+        Path, typer.Option(help='JSON file {"revision": "...", "model": "/artifacts/..."} (a ConfigMap key).')
+    ],
+    model_repository: Annotated[Path, typer.Option(help="Triton's model repository (shared with Triton's container).")],
+    triton_url: Annotated[str, typer.Option(help="Triton's HTTP endpoint, host:port or http://host:port.")] = (
+        "127.0.0.1:8000"
+    ),
+    spec_file: Annotated[
+        Path | None,
+        typer.Option("--spec", help="RecModel whose serving settings to use (default: each model's own)."),
+    ] = None,
+    gpu: Annotated[
+        bool | None, typer.Option("--gpu/--cpu", help="Ranker on KIND_GPU or KIND_CPU (default: the spec's GPUs).")
+    ] = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between reads of --watch.")] = 5.0,
+) -> None:
+    """Sidecar next to Triton (--model-control-mode=explicit): when --watch names another revision, export it
+    into the repository and switch recops_ensemble to it without dropping requests. Runs until SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from recops.serving.hot_reload import Reloader, TritonControl
+
+    serving = _read_spec(spec_file).serving if spec_file is not None else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    triton = TritonControl(triton_url)
+    try:
+        Reloader(watch, model_repository, triton, serving=serving, gpu=gpu).run(stopped, interval)
+    finally:
+        triton.close()
 
 
 @serve_app.command("router")
@@ -362,6 +456,40 @@ def serve_router(
     from recops.serving.router.server import serve
 
     serve(config, host=host, port=port, workers=workers)
+
+
+feedback_app = typer.Typer(help="The router's feedback events: pull them from Kafka for retraining.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("pull")
+def feedback_pull(
+    kafka: Annotated[str, typer.Option("--kafka", help="Bootstrap servers, host:port (comma-separated).")],
+    topic: Annotated[str, typer.Option(help="The router's feedback topic (feedback.kafka.topic).")],
+    group: Annotated[str, typer.Option(help="Consumer group whose committed offsets mark what was pulled.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to append the events to (created if absent).")],
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to reach the broker and to finish reading.")] = 30.0,
+) -> None:
+    """Append every event the group has not pulled yet (up to the topic's end now) to --out, fsync, then commit.
+
+    A rerun appends only newer events; a crash before the commit re-reads them (retrain merges each once).
+    """
+    import logging
+
+    from recops.training.feedback_pull import PullError, pull_feedback
+
+    # aiokafka logs every retry it recovers from (coordinator not ready yet, ...); a real failure is raised
+    # and printed below with the address or topic, so its own log is noise here.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        result = pull_feedback(kafka, topic, group, out, timeout_s=timeout)
+    except PullError as error:
+        raise _fail(str(error)) from None
+    except OSError as error:
+        raise _fail(f"--out: cannot write {out}: {error.strerror or error}") from None
+    print(result.events)  # stdout: the count alone, for scripts; the details go to stderr
+    console.print(f"pulled {result.events} events from {topic} (group {group}) into {out}")
 
 
 def _print_metrics(models: dict[str, dict[str, float]]) -> None:

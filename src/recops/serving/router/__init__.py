@@ -3,6 +3,7 @@
 ``recops serve router --config router.yaml`` runs :func:`recops.serving.router.app.create_app` on
 uvicorn. Modules: ``config`` (the YAML file, loading, the reload watcher), ``schemas`` (request and
 response bodies), ``upstream`` (the :class:`~recops.serving.router.upstream.Recommender` protocol and
-the in-process ranker), ``metrics`` (Prometheus), ``feedback_log`` (the durable JSONL event log),
-``runtime`` (config snapshots and their lifecycle), ``openapi`` and ``app`` (HTTP).
+the in-process ranker), ``metrics`` (Prometheus), ``feedback_log`` (the durable event log: a JSONL
+file, or a Kafka topic through ``kafka_sink``), ``runtime`` (config snapshots and their lifecycle),
+``openapi`` and ``app`` (HTTP).
 """

@@ -13,6 +13,8 @@ Example (every field but ``experiment``, ``salt`` and ``arms`` has a default)::
         model: /models/v1            # an exported model directory, served in-process (development)
     limits: {maxK: 100, maxHistory: 200, maxBodyBytes: 65536, upstreamTimeoutSeconds: 1.0}
     feedback: {path: /var/log/recops/feedback.jsonl, fsync: interval, rotateBytes: 268435456}
+    # or, to a Kafka topic (key user_id; read back with `recops feedback pull`):
+    # feedback: {transport: kafka, kafka: {bootstrapServers: "kafka-0:9092", topic: recops-feedback}}
 
 Weights are integer basis points (0.01%, one of :mod:`recops.serving.assignment`'s 10,000 buckets):
 exact, no rounding, and the same unit as :class:`~recops.serving.assignment.ArmWeights`, which
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -121,6 +124,52 @@ class Limits(SpecModel):
     upstream_timeout_seconds: float = Field(1.0, gt=0, le=60, description="Default per-request upstream timeout.")
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:/,\[\]]+):(\d{1,5})$")
+_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+
+
+class KafkaFeedbackConfig(SpecModel):
+    """The Kafka feedback transport (:mod:`recops.serving.router.kafka_sink`): an idempotent producer, acks=all."""
+
+    bootstrap_servers: str = Field(description="Comma-separated host:port list, e.g. kafka-0:9092,kafka-1:9092.")
+    topic: str = Field("recops-feedback", description="Topic of the feedback events (key: user_id).")
+    acks: Literal["all"] = Field(
+        "all", description="Only 'all': the idempotent producer needs it, and an accepted event must survive a broker."
+    )
+    client_id: str = Field("recops-router", min_length=1, max_length=255)
+    linger_ms: int = Field(5, ge=0, le=10_000, description="How long the producer waits to fill a batch.")
+    delivery_timeout_seconds: float = Field(
+        30.0, gt=0, le=600, description="One send attempt's limit before the writer retries it (back-off)."
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        servers = [server.strip() for server in value.split(",")]
+        if not value.strip() or not all(servers):
+            raise ValueError("give one or more host:port, comma-separated (e.g. 127.0.0.1:9092)")
+        for server in servers:
+            match = _HOST_PORT.match(server)
+            if match is None or not 0 < int(match.group(2)) < 65536:
+                raise ValueError(f"{server!r} is not host:port (port 1-65535)")
+        return ",".join(servers)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not _TOPIC.match(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+        return value
+
+    @field_validator("acks", mode="before")
+    @classmethod
+    def _acks_all(cls, value: object) -> object:
+        if value in ("all", -1, "-1"):
+            return "all"
+        raise ValueError(f"{value!r} is not allowed: only 'all' (-1), so no accepted event rests on one broker "
+                         "and the producer can be idempotent")
+
+
 class FeedbackLogConfig(SpecModel):
     """The durable feedback log. Read at start-up only: a change here needs a restart."""
 
@@ -133,6 +182,16 @@ class FeedbackLogConfig(SpecModel):
     fsync_interval_seconds: float = Field(1.0, gt=0, le=3600)
     rotate_bytes: int = Field(256 * 2**20, ge=0, description="Rotate before the file passes this size; 0: never.")
     queue_size: int = Field(100_000, ge=1, description="Events accepted but not yet written before 503.")
+    transport: Literal["file", "kafka"] = Field(
+        "file", description="file: the JSONL file at path; kafka: messages on kafka.topic (path and fsync unused)."
+    )
+    kafka: KafkaFeedbackConfig | None = Field(None, description="The Kafka transport; required with transport: kafka.")
+
+    @model_validator(mode="after")
+    def _kafka_when_chosen(self) -> FeedbackLogConfig:
+        if self.transport == "kafka" and self.kafka is None:
+            raise ValueError("transport is kafka: give feedback.kafka (at least bootstrapServers)")
+        return self
 
 
 class RouterConfig(SpecModel):

@@ -2,8 +2,11 @@
 
 Handlers call :meth:`FeedbackLog.offer` (synchronous, O(1)): an event is *accepted* when it enters
 the bounded in-memory queue, and refused (the caller answers 503) when the queue is full — never
-dropped silently. One writer task takes everything queued and appends it to the file with one
-``write`` on a worker thread, so the event loop never waits on the disk.
+dropped silently. One writer task takes everything queued and hands it to a :class:`Sink`: by default
+:class:`FileSink`, which appends to the file with one ``write`` on a worker thread, so the event loop
+never waits on the disk; or a Kafka topic (:mod:`recops.serving.router.kafka_sink`). Whatever the
+sink, a failed write is retried with back-off until it succeeds (the queue fills meanwhile, then the
+router answers 503), and closing delivers everything accepted.
 
 Lines follow :mod:`recops.data.schema` (``user_id, item_id, event, timestamp, request_id, value``)
 plus ``arm`` and ``experiment``; :func:`recops.data.io.read_events` reads the files as they are.
@@ -32,13 +35,42 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 log = logging.getLogger("recops.router")
 
 FsyncPolicy = Literal["always", "interval", "never"]
-_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # back-off between failed writes (disk full, I/O error)
-_CLOSE_RETRIES = 3  # at shutdown, give up on a broken disk after this many failed writes
+_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # back-off between failed writes (disk full, I/O error, broker down)
+_CLOSE_RETRIES = 3  # at shutdown, give up on a broken disk (or an unreachable broker) after this many failed writes
+
+
+class SinkWriteError(Exception):
+    """A write that failed, perhaps part-way: ``remaining`` is what the sink did not take (to retry)."""
+
+    def __init__(self, remaining: list[bytes], cause: BaseException) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.remaining = remaining
+        self.cause = cause
+
+
+class Sink(Protocol):
+    """Where the writer task puts accepted lines; one call at a time, from the writer task only.
+
+    ``write`` takes blobs of whole newline-terminated JSONL lines and returns once they are durable
+    (for a file: written, and fsynced when ``sync`` runs; for Kafka: acknowledged by the in-sync
+    replicas); on failure it raises :class:`SinkWriteError` naming what is still to be written.
+    """
+
+    description: str  # for log messages: the file path, or kafka://servers/topic
+    needs_sync: bool  # False when write alone makes lines durable: the fsync policy then does nothing
+
+    async def open(self) -> None: ...
+
+    async def write(self, blobs: list[bytes]) -> None: ...
+
+    async def sync(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _PartialWrite(OSError):
@@ -157,12 +189,47 @@ class LogFile:
                 self.fd = -1
 
 
+class FileSink:
+    """The JSONL file (:class:`LogFile`), its blocking calls run on a worker thread."""
+
+    needs_sync = True
+
+    def __init__(self, path: Path, rotate_bytes: int = 0) -> None:
+        self.path = path
+        self.description = str(path)
+        self.rotate_bytes = rotate_bytes
+        self._file: LogFile | None = None
+
+    async def open(self) -> None:
+        """Open (creating folders); raises OSError when the file cannot be opened."""
+        self._file = await asyncio.to_thread(LogFile, self.path, self.rotate_bytes)
+
+    async def write(self, blobs: list[bytes]) -> None:
+        """Append the blobs; on failure the remaining bytes (not on disk yet) are what to retry."""
+        assert self._file is not None
+        try:
+            await asyncio.to_thread(self._file.write, blobs)
+        except OSError as error:
+            written = error.written if isinstance(error, _PartialWrite) else 0
+            raise SinkWriteError([b"".join(blobs)[written:]], error) from error
+
+    async def sync(self) -> None:
+        """fsync the file."""
+        assert self._file is not None
+        await asyncio.to_thread(self._file.sync)
+
+    async def close(self) -> None:
+        """fsync and close."""
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+
+
 class FeedbackLog:
-    """Bounded queue of JSONL lines in front of a :class:`LogFile`, drained by one writer task."""
+    """Bounded queue of JSONL lines in front of a :class:`Sink` (a file by default), drained by one writer task."""
 
     def __init__(
         self,
-        path: Path,
+        target: Path | Sink,
         *,
         capacity: int,
         fsync: FsyncPolicy = "interval",
@@ -172,18 +239,18 @@ class FeedbackLog:
         on_write_error: Callable[[], None] | None = None,
         on_lost: Callable[[int], None] | None = None,
     ) -> None:
-        self.path = path
+        """``target``: a file path (a :class:`FileSink` with ``rotate_bytes``) or any :class:`Sink`."""
+        self.sink: Sink = FileSink(target, rotate_bytes) if isinstance(target, Path) else target
         self.capacity = capacity
-        self.fsync = fsync
+        # A sink whose writes are already durable (Kafka, acks=all) has nothing to fsync.
+        self.fsync: FsyncPolicy = fsync if self.sink.needs_sync else "never"
         self.fsync_interval_s = fsync_interval_s
-        self.rotate_bytes = rotate_bytes
         self._on_written = on_written
         self._on_write_error = on_write_error
         self._on_lost = on_lost
         self._pending: list[bytes] = []
         self._pending_lines = 0
         self._open = False
-        self._file: LogFile | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -208,14 +275,14 @@ class FeedbackLog:
         return True
 
     async def start(self) -> None:
-        """Open the file (creating folders) and start the writer task."""
-        self._file = await asyncio.to_thread(LogFile, self.path, self.rotate_bytes)
+        """Open the sink (a file: creating folders; raises OSError) and start the writer task."""
+        await self.sink.open()
         self._wakeup = asyncio.Event()
         self._open = True
         self._task = asyncio.create_task(self._run(), name="recops-feedback-log")
 
     async def close(self) -> None:
-        """Stop accepting, write and fsync everything accepted, close the file."""
+        """Stop accepting, write (and fsync) everything accepted, close the sink."""
         if self._task is None:
             return
         self._open = False
@@ -225,8 +292,8 @@ class FeedbackLog:
         self._task = None
 
     async def _run(self) -> None:
-        assert self._wakeup is not None and self._file is not None
-        file, wakeup = self._file, self._wakeup
+        assert self._wakeup is not None
+        sink, wakeup = self.sink, self._wakeup
         dirty_since: float | None = None  # monotonic time of the first write not yet fsynced
         try:
             while True:
@@ -240,51 +307,52 @@ class FeedbackLog:
                         async with asyncio.timeout(timeout):
                             await wakeup.wait()
                     except TimeoutError:
-                        await asyncio.to_thread(file.sync)
+                        await sink.sync()
                         dirty_since = None
                         continue
                 wakeup.clear()
                 batch, lines = self._pending, self._pending_lines
                 self._pending, self._pending_lines = [], 0
-                if not await self._write(file, batch, lines):
+                if not await self._write(batch, lines):
                     break
                 if self.fsync == "always":
-                    await asyncio.to_thread(file.sync)
+                    await sink.sync()
                 elif self.fsync == "interval":
                     now = time.monotonic()
                     if dirty_since is None:
                         dirty_since = now
                     elif now - dirty_since >= self.fsync_interval_s:
-                        await asyncio.to_thread(file.sync)
+                        await sink.sync()
                         dirty_since = None
         finally:
-            await asyncio.to_thread(file.close)
+            await sink.close()
 
-    async def _write(self, file: LogFile, batch: list[bytes], lines: int) -> bool:
-        """Write one batch, retrying a failing disk; False when it had to give up (only while closing)."""
+    async def _write(self, batch: list[bytes], lines: int) -> bool:
+        """Write one batch, retrying a failing sink; False when it had to give up (only while closing)."""
         failures = 0
+        closing_failures = 0  # the shutdown's own attempts: failures while still open do not use them up
+        where = self.sink.description
         while True:
             try:
-                await asyncio.to_thread(file.write, batch)
-            except OSError as error:
-                if isinstance(error, _PartialWrite) and error.written:
-                    batch = [b"".join(batch)[error.written:]]  # retry only what is not on disk yet
+                await self.sink.write(batch)
+            except SinkWriteError as error:
+                batch = error.remaining  # retry only what the sink did not take
                 failures += 1
                 if self._on_write_error is not None:
                     self._on_write_error()
                 if failures == 1:
-                    log.error("feedback log %s: write failed (%s); retrying, the queue fills meanwhile",
-                              self.path, error)
-                if not self._open and failures >= _CLOSE_RETRIES:
-                    lost = lines + self._pending_lines
-                    log.error("feedback log %s: giving up at shutdown; %d accepted events lost", self.path, lost)
+                    log.error("feedback log %s: write failed (%s); retrying, the queue fills meanwhile", where, error)
+                closing_failures += not self._open
+                if closing_failures >= _CLOSE_RETRIES:
+                    lost = sum(blob.count(b"\n") for blob in batch) + self._pending_lines
+                    log.error("feedback log %s: giving up at shutdown; %d accepted events lost", where, lost)
                     if self._on_lost is not None:
                         self._on_lost(lost)
                     return False
                 await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S)) - 1])
                 continue
             if failures:
-                log.warning("feedback log %s: writing again after %d failed attempts", self.path, failures)
+                log.warning("feedback log %s: writing again after %d failed attempts", where, failures)
             if self._on_written is not None:
                 self._on_written(lines)
             return True

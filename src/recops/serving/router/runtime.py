@@ -25,7 +25,7 @@ from recops.serving.router.config import (
     RouterConfig,
     load_config,
 )
-from recops.serving.router.feedback_log import FeedbackLog
+from recops.serving.router.feedback_log import FeedbackLog, Sink
 from recops.serving.router.metrics import ArmMetrics, DistinctUsers, RouterMetrics
 from recops.serving.router.openapi import openapi_document
 from recops.serving.router.upstream import InProcessRecommender, Recommender
@@ -131,8 +131,14 @@ class RouterRuntime:
             path = feedback.path
             if os.environ.get(PER_WORKER_LOG_ENV) == "1":
                 path = path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")
+            target: Path | Sink = path
+            if feedback.transport == "kafka":
+                assert feedback.kafka is not None  # the config requires it with transport: kafka
+                from recops.serving.router.kafka_sink import KafkaSink  # aiokafka only where Kafka is used
+
+                target = KafkaSink(feedback.kafka)  # every worker sends to the same topic: no per-worker name
             self.log = FeedbackLog(
-                path,
+                target,
                 capacity=feedback.queue_size,
                 fsync=feedback.fsync,
                 fsync_interval_s=feedback.fsync_interval_seconds,
