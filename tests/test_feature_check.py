@@ -75,6 +75,19 @@ def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
     assert psi > 1 and {value for value, _, _ in moved} >= {"b", "c"}
 
 
+def test_psi_is_judged_only_with_enough_online_values():
+    """A few purchases cannot show a shift (sampling alone gives PSI ~ bins / n): not judged, never failed."""
+    training = pl.DataFrame({"value": [float(v % 50) for v in range(1000)]})
+    skewed = pl.DataFrame({"value": [7.0] * 200})
+    few = check_features(training, skewed.head(20))
+    finding = next(f for f in few.findings if f.check == "psi")
+    assert few.ok and finding.detail == "not judged: 20 online values, fewer than the 100 a PSI needs"
+    assert {(f.column, f.check) for f in check_features(training, skewed).failed} == {("value", "psi")}
+    assert not check_features(training, skewed.head(20), FeatureCheckConfig(min_psi_values=10)).ok
+    with pytest.raises(ValueError, match="min_psi_values must be an integer >= 1, got 0"):
+        FeatureCheckConfig(min_psi_values=0)
+
+
 @pytest.mark.parametrize("field", ["psi_threshold", "max_out_of_range", "max_null_change", "range_margin"])
 def test_thresholds_must_be_finite_and_not_negative(field):
     with pytest.raises(ValueError, match=f"{field} must be a finite number >= 0, got -1"):

@@ -272,3 +272,34 @@ def test_an_artifact_off_the_artifact_volume_is_refused_naming_the_field():
 def test_a_bad_retrain_spec_is_refused_naming_the_field(retrain, message):
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_recmodel_spec({**SPEC, "retrain": retrain})
+
+
+@pytest.mark.parametrize(("feedback", "expected"), [
+    (None, ["--feedback", "/artifacts/feedback/shop"]),
+    ("pvc://recops-artifacts/logs/shop", ["--feedback", "/artifacts/logs/shop"]),
+    ("file:///mnt/logs", ["--feedback", "/mnt/logs"]),
+    # A topic is pulled into a store on the artifact volume first, under a consumer group of the model's own.
+    ("kafka://kafka.infra:9092/recops-feedback", [
+        "--feedback", "kafka://kafka.infra:9092/recops-feedback?group=recops-retrain-shop-ranker",
+        "--feedback-store", "/artifacts/feedback/shop-kafka/ranker"]),
+    ("kafka://k1:9092,k2:9092/fb?group=mine", [
+        "--feedback", "kafka://k1:9092,k2:9092/fb?group=mine",
+        "--feedback-store", "/artifacts/feedback/shop-kafka/ranker"]),
+])
+def test_the_retrain_job_reads_the_feedback_where_the_spec_says(feedback, expected):
+    spec = copy.deepcopy(DIRECT)
+    if feedback:
+        spec["retrain"]["feedback"] = feedback
+    args = by_kind(plan(spec), "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    start = args.index("--feedback")
+    assert args[start:start + len(expected)] == expected
+
+
+@pytest.mark.parametrize(("feedback", "message"), [
+    ("kafka://broker:9092/", "the broker and one topic"),
+    ("kafka://broker:9092/t?partition=1", "unknown parameter 'partition'"),
+    ("s3://bucket/logs", "expected pvc://CLAIM/PATH, file:///PATH or kafka://HOST:PORT/TOPIC"),
+])
+def test_a_bad_feedback_uri_is_refused_naming_it(feedback, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_recmodel_spec({**DIRECT, "retrain": {"rollout": "direct", "feedback": feedback}})

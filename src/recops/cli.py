@@ -192,15 +192,40 @@ def _write_termination_message(message: dict) -> None:
         Path(termination_log).write_text(json.dumps(message, default=float))
 
 
+def _pull_into_store(uri: str, store: Path | None) -> Path:
+    """Append a Kafka feedback topic's new events to the store, which retrain then reads whole: the offsets
+    move only after the events are on disk, and the store keeps them whatever becomes of this retrain."""
+    from recops.data.io import parse_kafka_uri
+    from recops.training.feedback_pull import PullError, pull_feedback
+
+    if store is None:
+        raise _fail("--feedback kafka://... needs --feedback-store DIR (where pulled events are kept)")
+    try:
+        source = parse_kafka_uri(uri)
+        store.mkdir(parents=True, exist_ok=True)
+        result = pull_feedback(source.bootstrap_servers, source.topic, source.group or "recops-retrain",
+                               store / f"{source.topic}.jsonl")
+    except (ValueError, PullError) as error:
+        raise _fail(f"--feedback: {error}") from None
+    except OSError as error:
+        raise _fail(f"--feedback-store: cannot write {store}: {error.strerror or error}") from None
+    console.print(f"pulled {result.events} new events from {source.topic} into {store}")
+    return store
+
+
 @app.command()
 def retrain(
     file: SpecFile,
     previous: Annotated[Path, typer.Option(help="The last revision's model directory (train --out DIR).")],
     feedback: Annotated[str, typer.Option(
-        help="The router's feedback log: a JSONL file or a folder of them (file://, pvc:// or a path).")],
+        help="The router's feedback log: a JSONL file or a folder of them (file://, pvc:// or a path), or "
+        "kafka://HOST:PORT/TOPIC?group=G (pulled into --feedback-store first).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of the new revision.")],
     min_new_events: Annotated[int, typer.Option(
         min=0, help="Train only when the feedback holds at least this many events the last revision lacks.")] = 0,
+    feedback_store: Annotated[Path | None, typer.Option(
+        help="With a kafka:// feedback: the folder the topic's new events are appended to before training; "
+        "it keeps every pulled event, so a refused or failed retrain loses none.")] = None,
     psi_threshold: PsiThreshold = 0.2,
     max_out_of_range: MaxOutOfRange = 0.01,
     max_null_change: MaxNullChange = 0.1,
@@ -214,6 +239,8 @@ def retrain(
 
     if not previous.is_dir():
         raise _fail(f"--previous: not a directory: {previous} (the last revision's model directory)")
+    if feedback.startswith("kafka://"):
+        feedback = str(_pull_into_store(feedback, feedback_store))
     try:
         config = FeatureCheckConfig(psi_threshold, max_out_of_range, max_null_change)
         record = run_retrain(spec, previous, feedback, out, config, min_new_events=min_new_events)

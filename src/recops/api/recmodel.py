@@ -214,7 +214,11 @@ class ServingSpec(SpecModel):
 
 
 class DistillationSpec(SpecModel):
-    """Train this model (the student) on a teacher's soft click and like scores as well as the labels."""
+    """Train this model (the student) on a teacher's soft scores as well as the labels.
+
+    ``weight`` distils the click and like heads; ``retrievalWeight`` the retrieval ranking (the teacher's
+    softmax over the same candidates as the student's retrieval loss), which is what Recall@K reads.
+    """
 
     teacher: str = Field(
         ..., min_length=1, max_length=2048,
@@ -224,6 +228,17 @@ class DistillationSpec(SpecModel):
     weight: float = Field(
         0.5, ge=0, le=1, description="Share of the teacher's soft targets in the click and like losses."
     )
+    # Unset by default (None, not 0): a default would appear in every distilled spec's manifest and change
+    # its revision hash, so an operator upgrade would retrain every distilled model.
+    retrieval_weight: float | None = Field(
+        None, ge=0, le=1,
+        description="Share of the teacher's softened retrieval distribution (KL over the retrieval loss's "
+        "candidates) in the retrieval loss; default 0.",
+    )
+
+    def retrieval_share(self) -> float:
+        """``retrievalWeight``, 0 when unset."""
+        return self.retrieval_weight or 0.0
 
 
 # Five cron fields (minute hour day-of-month month day-of-week) or a macro, as a CronJob takes them.
@@ -272,6 +287,17 @@ class RetrainSpec(SpecModel):
         0.05, ge=0, le=1,
         description="Roll back without serving a revision whose Recall@20 is below (1 - this) x the serving one's.",
     )
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_uri(cls, feedback: str | None) -> str | None:
+        if feedback is not None and feedback.startswith("kafka://"):
+            from recops.data.io import parse_kafka_uri
+
+            parse_kafka_uri(feedback)
+        elif feedback is not None and not feedback.startswith(("pvc://", "file://", "/")):
+            raise ValueError(f"{feedback!r}: expected pvc://CLAIM/PATH, file:///PATH or kafka://HOST:PORT/TOPIC")
+        return feedback
 
     @field_validator("schedule")
     @classmethod

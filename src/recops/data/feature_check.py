@@ -15,7 +15,9 @@ training events, column by column, and refuses on a mismatch with a report namin
   numeric ones, and over the *shape* of identifiers (``P00017`` → ``A99999``) for high-cardinality text,
   where new values are expected but a new format is not.
 
-Time columns move forward by nature: ``timestamp`` is checked for presence, dtype and nulls only.
+Time columns move forward by nature: ``timestamp`` is checked for presence, dtype and nulls only, and so
+is ``request_id``: it groups a response's events and is no feature, and its format is whatever the
+serving system that logged it makes (the router's ids need not look like the historical log's).
 Every check is a pure function of the two frames.
 """
 
@@ -32,6 +34,7 @@ import polars as pl
 from recops.data.io import DataFormatError, file_format, resolve_uri
 
 TIME_COLUMNS = frozenset({"timestamp", "created_at"})
+PRESENCE_ONLY = TIME_COLUMNS | {"request_id"}  # checked for presence, dtype and nulls: no ranges, no PSI
 MAX_CATEGORIES = 50  # a text column with more distinct training values is an identifier: its shape is compared
 PSI_FLOOR = 1e-4  # share given to a bin empty on one side, so that PSI stays finite
 
@@ -44,12 +47,18 @@ class FeatureCheckConfig:
     max_out_of_range: float = 0.01
     max_null_change: float = 0.1
     range_margin: float = 0.1
+    min_psi_values: int = 100
+    """Online values a column needs before its PSI is judged: with n values over b bins, sampling alone
+    gives a PSI near (b - 1) / n, so a handful of purchases would fail any threshold."""
 
     def __post_init__(self) -> None:
         for name in ("psi_threshold", "max_out_of_range", "max_null_change", "range_margin"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.min_psi_values, bool) or not isinstance(self.min_psi_values, int) \
+                or self.min_psi_values < 1:
+            raise ValueError(f"min_psi_values must be an integer >= 1, got {self.min_psi_values!r}")
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,7 @@ def _check_column(column: str, train: pl.Series, online: pl.Series, config: Feat
     yield Finding(column, "nulls", change <= config.max_null_change,
                   f"{train_nulls:.1%} missing in training, {online_nulls:.1%} online", change, config.max_null_change)
     train, online = train.drop_nulls(), online.drop_nulls()
-    if column in TIME_COLUMNS or train.is_empty() or online.is_empty() or online_kind == "null":
+    if column in PRESENCE_ONLY or train.is_empty() or online.is_empty() or online_kind == "null":
         return
     if train_kind == "number":
         yield _range_finding(column, train, online, config)
@@ -212,6 +221,9 @@ def _shares(values: pl.Series) -> tuple[list, list[float]]:
 
 
 def _psi_finding(column: str, over: str, train: pl.Series, online: pl.Series, config: FeatureCheckConfig) -> Finding:
+    if len(online) < config.min_psi_values:
+        return Finding(column, "psi", True, f"not judged: {len(online)} online values, fewer than the "
+                       f"{config.min_psi_values} a PSI needs")
     psi, moved = population_stability_index(train.rename("value"), online.rename("value"))
     movers = ", ".join(f"{value!r} {p:.1%}→{q:.1%}" for value, p, q in moved)
     return Finding(column, "psi", psi <= config.psi_threshold, f"PSI {psi:.3f} over {over}; most moved: {movers}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -51,6 +52,36 @@ def resolve_uri(uri: str | os.PathLike[str]) -> str:
     if "://" in text and not text.startswith(("s3://", "gs://", "az://", "abfs://", "https://")):
         raise DataFormatError(f"{text}: unsupported URI scheme (use file://, pvc://, s3://, gs:// or az://)")
     return text
+
+
+@dataclass(frozen=True)
+class KafkaSource:
+    """A feedback topic named by a ``kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?group=GROUP]`` URI."""
+
+    bootstrap_servers: str
+    topic: str
+    group: str | None = None
+
+
+def parse_kafka_uri(uri: str) -> KafkaSource:
+    """Parse a feedback URI of the Kafka transport.
+
+    Raises:
+        ValueError: naming what is missing (the address or the topic) or not understood.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme != "kafka":
+        raise ValueError(f"{uri!r}: expected kafka://HOST:PORT/TOPIC[?group=GROUP]")
+    topic = parts.path.strip("/")
+    if not parts.netloc or not topic or "/" in topic:
+        raise ValueError(f"{uri!r}: expected kafka://HOST:PORT/TOPIC[?group=GROUP] (the broker and one topic)")
+    query = parse_qs(parts.query)
+    unknown = sorted(set(query) - {"group"})
+    if unknown:
+        raise ValueError(f"{uri!r}: unknown parameter {unknown[0]!r} (only 'group')")
+    return KafkaSource(parts.netloc, topic, (query.get("group") or [None])[0])
 
 
 def file_format(path: str) -> str:

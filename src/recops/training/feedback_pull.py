@@ -159,3 +159,4 @@ def _sync_directory(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+

@@ -39,13 +39,20 @@ def retrain_selector(model: str) -> str:
     return f"{RETRAIN_LABEL}={model},app.kubernetes.io/component={RETRAIN}"
 
 
-def feedback_source(owner: Owner, retrain: RetrainSpec, claim: str) -> str:
-    """Where the retrain Job reads feedback: the spec's URI, else the namespace's router logs."""
-    if retrain.feedback is None:
-        return feedback_path(owner.namespace)
+def feedback_args(owner: Owner, retrain: RetrainSpec, claim: str) -> list[str]:
+    """Where the retrain Job reads feedback: the namespace's router logs by default, the spec's folder or
+    file, or a Kafka topic pulled into a store on the artifact volume first (a consumer group per model,
+    unless the URI names one: the store keeps what was pulled whatever becomes of the retrain)."""
+    feedback = retrain.feedback
+    if feedback is None:
+        return ["--feedback", feedback_path(owner.namespace)]
+    if feedback.startswith("kafka://"):
+        if "group=" not in feedback:
+            feedback += f"{'&' if '?' in feedback else '?'}group=recops-retrain-{owner.namespace}-{owner.name}"
+        return ["--feedback", feedback, "--feedback-store", f"{feedback_path(owner.namespace)}-kafka/{owner.name}"]
     prefix = f"pvc://{claim}/"
-    return f"{ARTIFACTS_MOUNT}/{retrain.feedback.removeprefix(prefix)}" if retrain.feedback.startswith(prefix) \
-        else retrain.feedback
+    return ["--feedback", f"{ARTIFACTS_MOUNT}/{feedback.removeprefix(prefix)}" if feedback.startswith(prefix)
+            else feedback.removeprefix("file://")]
 
 
 def retrain_configmap(owner: Owner, spec: RecModelSpec) -> Manifest:
@@ -75,8 +82,7 @@ def retrain_cronjob(owner: Owner, spec: RecModelSpec, previous: str, suspend: bo
         "image": image,
         "imagePullPolicy": pull_policy,
         "args": ["retrain", "--file", f"{SPEC_MOUNT}/{SPEC_FILE}", "--previous", previous,
-                 "--feedback", feedback_source(owner, retrain, claim), "--out", out,
-                 "--min-new-events", str(retrain.min_new_events)],
+                 *feedback_args(owner, retrain, claim), "--out", out, "--min-new-events", str(retrain.min_new_events)],
         "env": [
             {"name": JOB_NAME_ENV,
              "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},

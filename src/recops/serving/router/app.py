@@ -192,6 +192,7 @@ class Handlers:
             head = orjson.dumps({
                 "user_id": parsed.user_id, "event": "impression", "timestamp": round(time.time(), 3),
                 "request_id": request_id, "arm": arm.name, "experiment": experiment,
+                **({"device": parsed.device} if parsed.device is not None else {}),
             })[:-1] + b',"item_id":'
             blob = b"".join([head + orjson.dumps(item) + b"}\n" for item in item_ids])
             if not feedback_log.offer(blob, len(item_ids), runtime.impression_headroom):
@@ -251,6 +252,8 @@ class Handlers:
             }
             if event.value is not None:
                 line["value"] = event.value
+            if event.device is not None:
+                line["device"] = event.device
             lines.append(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
         feedback_log = runtime.log
         if feedback_log is not None and not feedback_log.offer(b"".join(lines), len(lines)):

@@ -17,6 +17,9 @@ from recops.serving.contract import FEEDBACK_EVENTS
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 
 _REQUEST = ConfigDict(strict=True, extra="forbid")
+# The event log's device column: logged with the events so that a retrain sees what training saw (the
+# feature check refuses a feedback log that lacks a column the training events have).
+Device = Annotated[str, Field(min_length=1, max_length=128, description="The client's device, e.g. iOS14.2.")]
 
 
 class RecommendRequest(BaseModel):
@@ -29,6 +32,7 @@ class RecommendRequest(BaseModel):
     k: int = Field(10, ge=1, description="How many items (at most limits.maxK).")
     candidates: list[Id] | None = Field(None, description="Rank only these items (default: the whole catalog).")
     arm: Id | None = Field(None, description="Force this configured arm (testing); not counted as an assignment.")
+    device: Device | None = None
 
 
 class Item(BaseModel):
@@ -64,6 +68,7 @@ class FeedbackEvent(BaseModel):
     value: float | None = Field(None, ge=0, allow_inf_nan=False, description="Purchase value (purchase only).")
     request_id: str | None = Field(None, max_length=128, description="The recommend response's request_id.")
     arm: Id | None = Field(None, description="The arm that served the items; default: the user's sticky arm.")
+    device: Device | None = None
     timestamp: float | None = Field(
         None, gt=0, lt=1e13, allow_inf_nan=False, description="Epoch seconds; default: when the router got it."
     )
