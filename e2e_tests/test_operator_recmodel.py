@@ -8,6 +8,7 @@ trainer image writes to /dev/termination-log) into the pod's status, as the kube
 from __future__ import annotations
 
 import copy
+import json
 
 import yaml
 
@@ -78,10 +79,17 @@ def test_serving_changes_roll_triton_and_training_changes_train_a_new_revision(c
         lambda: (s := model_status(cluster, namespace)).get("revision") != first["revision"] and s, "a new revision"
     )
     assert second["servingRevision"] == first["revision"]
-    template = get(cluster, "deployment", "ranker-triton", namespace)["spec"]["template"]
-    assert template["metadata"]["labels"]["recops.dev/revision"] == first["revision"]
+    revision_file = get(cluster, "configmap", "ranker-triton", namespace)["data"]["revision.json"]
+    assert json.loads(revision_file)["revision"] == first["revision"]
+    before = get(cluster, "deployment", "ranker-triton", namespace)
     third = train_to_ready(cluster, namespace)
     assert third["servingRevision"] == third["revision"] == second["revision"]
+    # The new revision reaches Triton through the ConfigMap (hot reload by the sidecar): no pod restarted.
+    revision_file = get(cluster, "configmap", "ranker-triton", namespace)["data"]["revision.json"]
+    assert json.loads(revision_file) == {"revision": second["revision"],
+                                         "model": f"/artifacts/{namespace}/ranker/{second['revision']}"}
+    after = get(cluster, "deployment", "ranker-triton", namespace)
+    assert after["spec"]["template"] == before["spec"]["template"]
     jobs = cluster.kubectl.json("get", "jobs", "-n", namespace, "-l", "app.kubernetes.io/instance=ranker")["items"]
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted([first["trainingJob"], second["trainingJob"]])
 

@@ -10,6 +10,17 @@ sigmoid(z_t / T), and each head's loss becomes
 (the T² keeps the soft term's gradients on the scale of the hard one's, as in Hinton et al.). The
 teacher reads the student's users through its own towers: their histories are mapped to the teacher's
 item rows by item id; pairs with an item the teacher does not know keep the hard loss only.
+
+The heads do not make Recall@K: retrieval ranks by the dot product u·v / τ + bias. With
+``retrievalWeight`` rw the retrieval loss (a softmax over the step's candidates: the catalog, or the
+batch's items for large catalogs) also learns the teacher's ranking of the same candidates:
+
+    (1 - rw) * CE(s_s, target) + rw * T² * KL(softmax(s_t / T) || softmax(s_s / T))
+
+where s_t are the teacher's retrieval logits for the same users and candidates. Candidates the
+teacher does not know leave both distributions. The teacher reads each user's history as the student
+does in that step, minus the target (so its soft target is a prediction, not the answer), but
+without the student's history dropout (a regulariser of the student, not of its targets).
 """
 
 from __future__ import annotations
@@ -41,6 +52,29 @@ class Teacher:
     item_vectors: torch.Tensor  # student items × teacher d (zero rows for items the teacher lacks)
     known: torch.Tensor  # bool per student item: the teacher has it
     spec: DistillationSpec
+    teacher_rows: torch.Tensor  # per student item, the teacher's row (-1: unknown)
+    teacher_index: torch.Tensor  # the teacher's item vectors in its own order (what its user tower reads)
+    item_bias: torch.Tensor  # per student item, the teacher's retrieval bias (0 for unknown items)
+
+    @property
+    def distils_retrieval(self) -> bool:
+        """The retrieval loss learns from this teacher too (``retrievalWeight`` > 0)."""
+        return self.spec.retrieval_share() > 0
+
+    @torch.no_grad()
+    def retrieval_logits(
+        self, history: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher retrieval logits (B × C) of the users with ``history``/``mask`` (B × L, student item rows)
+        against ``items`` (C student item rows; default the whole catalog), and which of those it knows (C)."""
+        rows = self.teacher_rows[history]
+        users = self.model.user_vectors(self.teacher_index, rows.clamp(min=0), mask & (rows >= 0))
+        if items is None:
+            vectors, bias, known = self.item_vectors, self.item_bias, self.known
+        else:
+            vectors, bias, known = self.item_vectors[items], self.item_bias[items], self.known[items]
+        logits = users @ vectors.T / self.model.config.temperature + bias
+        return logits.float(), known
 
     @torch.no_grad()
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,6 +88,8 @@ class Teacher:
         self.model.to(device)
         self.user_vectors, self.item_vectors = self.user_vectors.to(device), self.item_vectors.to(device)
         self.known = self.known.to(device)
+        self.teacher_rows, self.teacher_index = self.teacher_rows.to(device), self.teacher_index.to(device)
+        self.item_bias = self.item_bias.to(device)
         return self
 
 
@@ -74,9 +110,11 @@ def load_teacher(spec: DistillationSpec, item_ids: list[str], histories: Histori
     history = torch.as_tensor(histories.items)
     mapped = rows[history]
     mask = torch.as_tensor(histories.mask) & (mapped >= 0)
+    item_bias = torch.zeros(len(item_ids))
     with torch.no_grad():
         user_vectors = loaded.model.user_vectors(index, mapped.clamp(min=0), mask)
-    return Teacher(loaded.model, user_vectors, item_vectors, known, spec)
+        item_bias[known] = loaded.model.item_biases()[rows[known]]
+    return Teacher(loaded.model, user_vectors, item_vectors, known, spec, rows, index, item_bias)
 
 
 def distilled_bce(
@@ -90,3 +128,42 @@ def distilled_bce(
     soft_targets = torch.sigmoid(teacher / t)
     soft = F.binary_cross_entropy_with_logits(student[known] / t, soft_targets[known]) * t * t
     return (1 - spec.weight) * hard + spec.weight * soft
+
+
+def softmax_kl(
+    student: torch.Tensor, teacher: torch.Tensor, candidates: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)), both softmaxes over ``candidates``.
+
+    ``student``/``teacher``: B × C logits; ``candidates``: bool, B × C or C. Rows without a candidate
+    count zero (they have no distribution to match).
+    """
+    candidates = candidates.expand_as(student)
+    # A finite fill, not -inf: masked entries then give 0 · (finite) = 0 instead of NaN, forwards and backwards.
+    fill = -1e9
+    log_student = F.log_softmax((student.float() / temperature).masked_fill(~candidates, fill), dim=-1)
+    log_teacher = F.log_softmax((teacher.float() / temperature).masked_fill(~candidates, fill), dim=-1)
+    terms = torch.where(candidates, log_teacher.exp() * (log_teacher - log_student), 0.0)
+    rows = candidates.any(dim=-1)
+    return terms.sum(dim=-1)[rows].sum() / rows.sum().clamp(min=1)
+
+
+def distilled_softmax(
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: torch.Tensor,
+    candidates: torch.Tensor,
+    spec: DistillationSpec,
+) -> torch.Tensor:
+    """(1 - rw) · CE on the targets + rw · T² · KL from the teacher's softened distribution (known candidates).
+
+    ``student``: B × C retrieval logits as the hard loss reads them (excluded columns already pushed
+    down); ``candidates``: the columns both distributions span (B × C or C).
+    """
+    hard = F.cross_entropy(student.float(), targets)
+    share = spec.retrieval_share()
+    if share == 0 or not bool(candidates.any()):
+        return hard
+    t = spec.temperature
+    soft = softmax_kl(student, teacher, candidates, t) * t * t
+    return (1 - share) * hard + share * soft

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,6 +28,7 @@ from recops.data.io import DataFormatError, resolve_uri
 from recops.data.prepare import prepare
 from recops.models.backbone import BackboneError
 from recops.models.baselines import make_baseline
+from recops.models.two_tower import TwoTowerModel
 from recops.training.distillation import TeacherError
 from recops.training.distributed import start, stop, world_from_env
 from recops.training.evaluation import evaluate
@@ -130,6 +132,7 @@ def run_training(
         "seconds": time.perf_counter() - started,
     }
     export_model(result.model, spec, data, out, metrics=summary)
+    summary["serving"] = serving_summary(result.model, out)
     write_report(
         out / "report.html",
         "recops training report",
@@ -154,4 +157,26 @@ def _teacher_summary(spec: RecModelSpec) -> dict | None:
         "metrics": reported.get("metrics", {}).get("twotower"),
         "temperature": spec.distillation.temperature,
         "weight": spec.distillation.weight,
+        "retrieval_weight": spec.distillation.retrieval_share(),
+        # The teacher's own serving cost, from its export (None for a teacher exported before it was reported).
+        "serving": reported.get("serving"),
+    }
+
+
+def serving_summary(model: TwoTowerModel, directory: Path) -> dict[str, int | None]:
+    """What serving the exported model in ``directory`` costs, read off its shapes (no timing).
+
+    Per request, serving reads the item index and runs the towers' MLPs and heads (never the backbone);
+    the backbone's depth is what encoding a new item's text costs.
+    """
+    index = np.load(directory / "item_index.npy", mmap_mode="r")  # only the header is read
+    config = getattr(getattr(model.encoder, "model", None), "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    towers = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("encoder."))
+    return {
+        "embedding_dim": int(index.shape[1]),
+        "items": int(index.shape[0]),
+        "index_bytes": int(index.nbytes),
+        "tower_parameters": int(towers),
+        "backbone_layers": int(layers) if layers else None,
     }

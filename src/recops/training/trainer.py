@@ -29,7 +29,7 @@ from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
 from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
-from recops.training.distillation import Teacher, distilled_bce, load_teacher
+from recops.training.distillation import Teacher, distilled_bce, distilled_softmax, load_teacher
 from recops.training.distributed import World, barrier, stepper, world_from_env
 from recops.training.evaluation import evaluate
 from recops.training.warm_start import WarmStart, apply_warm_start
@@ -343,13 +343,11 @@ def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> t
                 context.tokens.input_ids[rows].to(device), context.tokens.attention_mask[rows].to(device)
             ).float()
         vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
-        history, mask = context.hist_items[batch.users], context.hist_mask[batch.users]
-        mask = mask & (history != batch.items.unsqueeze(1)) & ~batch.hidden
-        user_vec = m.user_vectors(vectors, history, mask)
-        if batch.excluded is not None:
-            retrieval = _catalog_softmax_loss(m, user_vec, vectors, batch.items, batch.excluded)
-        else:
-            retrieval = _in_batch_softmax_loss(m, user_vec, vectors, batch.items)
+        history, seen = context.hist_items[batch.users], context.hist_mask[batch.users]
+        seen = seen & (history != batch.items.unsqueeze(1))  # the target is what is predicted, not read
+        user_vec = m.user_vectors(vectors, history, seen & ~batch.hidden)
+        teacher = context.teacher if context.teacher is not None and context.teacher.distils_retrieval else None
+        retrieval = _retrieval_loss(m, user_vec, vectors, batch.items, batch.excluded, teacher, history, seen)
         click, like = _head_losses(
             m, user_vec, vectors, batch.items, batch.negatives, batch.likes, context.teacher, batch.users
         )
@@ -358,22 +356,37 @@ def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> t
     return total, retrieval, click, like, fresh_text
 
 
-def _catalog_softmax_loss(
-    model: TwoTowerModel, users: torch.Tensor, vectors: torch.Tensor, items: torch.Tensor, excluded: torch.Tensor
+def _retrieval_loss(
+    model: TwoTowerModel,
+    users: torch.Tensor,
+    vectors: torch.Tensor,
+    items: torch.Tensor,
+    excluded: torch.Tensor | None,
+    teacher: Teacher | None = None,
+    history: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax over the whole catalog; ``excluded`` (B × N: cold items, the user's other positives) drops out."""
-    excluded = excluded.clone()
-    excluded[torch.arange(len(items), device=items.device), items] = False  # never the target itself
-    logits = model.retrieval_logits(users, vectors).masked_fill(excluded, -1e4)
-    return F.cross_entropy(logits.float(), items)
+    """The retrieval softmax loss of user vectors ``users`` (B) against their targets ``items`` (B).
 
-
-def _in_batch_softmax_loss(
-    model: TwoTowerModel, users: torch.Tensor, vectors: torch.Tensor, items: torch.Tensor
-) -> torch.Tensor:
-    """Softmax over the batch's positives (large catalogs)."""
-    logits = model.retrieval_logits(users, vectors[items], items)
-    return F.cross_entropy(logits.float(), torch.arange(len(items), device=items.device))
+    With ``excluded`` (B × N: cold items, the user's other positives) the softmax spans the whole
+    catalog less those; without it (large catalogs), the batch's positives. With a ``teacher`` that
+    distils retrieval, the loss also learns its ranking of the same candidates; it reads the users'
+    ``history`` (B × L) where ``seen`` (history less the target, before dropout).
+    """
+    arange = torch.arange(len(items), device=items.device)
+    if excluded is not None:
+        excluded = excluded.clone()
+        excluded[arange, items] = False  # never the target itself
+        logits = model.retrieval_logits(users, vectors).masked_fill(excluded, -1e4)
+        targets, columns, candidates = items, None, ~excluded
+    else:
+        logits = model.retrieval_logits(users, vectors[items], items)
+        targets, columns, candidates = arange, items, None
+    if teacher is None or history is None or seen is None:
+        return F.cross_entropy(logits.float(), targets)
+    teacher_logits, known = teacher.retrieval_logits(history, seen, columns)
+    candidates = known if candidates is None else candidates & known
+    return distilled_softmax(logits.float(), targets, teacher_logits, candidates, teacher.spec)
 
 
 def _head_losses(
