@@ -4,6 +4,8 @@ would, with exactly one training Job per revision and every experiment step take
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -82,7 +84,9 @@ def test_recmodel_lifecycle_survives_restarts_at_every_stage(cluster, namespace,
     assert final["metrics"] == first["metrics"] and final["endpoint"] == first["endpoint"]
     deployment = get(cluster, "deployment", "ranker-triton", namespace)
     assert deployment["spec"]["replicas"] == 2
-    assert deployment["spec"]["template"]["metadata"]["labels"]["recops.dev/revision"] == second["revision"]
+    assert deployment["metadata"]["labels"]["recops.dev/revision"] == second["revision"]
+    served = get(cluster, "configmap", "ranker-triton", namespace)["data"]["revision.json"]
+    assert json.loads(served)["revision"] == second["revision"]  # what the pods' reloader follows
 
 
 @pytest.mark.slow
