@@ -28,6 +28,14 @@ Serving cost, teacher against student, alternating the two on every repetition s
 Writes {"dataset", "models": {NAME: {metrics, "train_seconds", "size"}}, "serving": {...},
 "ratios": {...}, "targets": {...}, "teacher_in_student_summary", "seconds", "machine"} and prints tables.
 ``--quick`` is a tiny synthetic run for the smoke test (figures meaningless).
+
+``--serving-only DIR`` trains nothing: it times serving (``request`` and ``recommend``, as above) of models already
+exported as ``DIR/teacher`` and ``DIR/student_distilled`` (or ``DIR/student``), on the data given as for training,
+and writes {"serving", "ratios": {"latency"}, "models": {NAME: directory}, "machine"}; item encoding only with
+``--encode-repeats`` above 0. For before/after comparisons of the serving code on the same exports:
+
+    python benchmarks/distillation.py --data-dir ../shared/data/ml-100k --serving-only /tmp/exports \
+        --encode-repeats 0 --out results/serving.json
 """
 
 from __future__ import annotations
@@ -175,8 +183,9 @@ def serving_cost(dirs: dict[str, Path], data, args: argparse.Namespace) -> dict:
                 times = alternate({name: make(name) for name in rankers}, repeats, f"{kind} batch {batch}")
                 result[kind][f"batch_{batch}"] = {name: _stats(t) for name, t in times.items()}
         torch.set_num_threads(threads)  # the backbone is a batch job: it gets the machine's threads
-        result["item_encoding"] = item_encoding(dirs, args)
-        result["item_encoding_threads"] = threads
+        if args.encode_repeats > 0 or not getattr(args, "serving_only", None):
+            result["item_encoding"] = item_encoding(dirs, args)
+            result["item_encoding_threads"] = threads
     finally:
         torch.set_num_threads(threads)
     return result
@@ -215,15 +224,41 @@ def ratios(report: dict) -> dict:
         out[student] = {m: models[student][m] / models["teacher"][m] if models["teacher"][m] else None
                         for m in ("recall@20", "ndcg@20", "recall@10", "ndcg@10", "cold_recall@20")
                         if m in models["teacher"]}
+    out["latency"] = latency_ratios(serving)
+    encoding = serving["item_encoding"]
+    out["item_encoding_time"] = encoding["student_distilled"]["seconds_p50"] / encoding["teacher"]["seconds_p50"]
+    return out
+
+
+def latency_ratios(serving: dict) -> dict:
+    """Student / teacher of every latency figure."""
     latency = {}
     for kind in ("request", "recommend"):
         for batch, per_model in serving[kind].items():
             for stat in ("p50_ms", "p99_ms"):
                 latency[f"{kind}_{batch}_{stat}"] = per_model["student_distilled"][stat] / per_model["teacher"][stat]
-    out["latency"] = latency
-    encoding = serving["item_encoding"]
-    out["item_encoding_time"] = encoding["student_distilled"]["seconds_p50"] / encoding["teacher"]["seconds_p50"]
-    return out
+    return latency
+
+
+def serving_only(args: argparse.Namespace) -> dict:
+    """Serving cost of already exported teacher and student directories (``--serving-only DIR``), nothing trained."""
+    root = args.serving_only
+    student = next((root / name for name in ("student_distilled", "student") if (root / name).is_dir()), None)
+    if not (root / "teacher").is_dir() or student is None:
+        sys.exit(f"--serving-only needs {root}/teacher and {root}/student_distilled (or {root}/student)")
+    started = time.perf_counter()
+    data = prepare(data_spec(args), seed=args.seed)
+    dirs = {"teacher": root / "teacher", "student_distilled": student}
+    serving = serving_cost(dirs, data, args)
+    report = {"models": {name: str(d) for name, d in dirs.items()}, "serving": serving,
+              "ratios": {"latency": latency_ratios(serving)}, "seconds": time.perf_counter() - started,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "torch": torch.__version__}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float))
+    print("\n".join(serving_lines(serving)))
+    print(f"seconds {report['seconds']:.0f} → {args.out}")
+    return report
 
 
 def targets(report: dict) -> dict:
@@ -260,7 +295,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, help="also write recall and latency, teacher vs students, as a PNG")
+    parser.add_argument("--serving-only", type=Path, metavar="DIR",
+                        help="train nothing: time serving of DIR/teacher and DIR/student_distilled (or DIR/student)")
     args = parser.parse_args(argv)
+    if args.serving_only:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        return serving_only(args)
     if args.quick:
         args.epochs, args.repeats, args.encode_repeats, args.batch = 1, 20, 1, 8
         args.teacher_dim, args.student_dim = min(args.teacher_dim, 32), min(args.student_dim, 16)
@@ -345,18 +385,24 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['size']['backbone_layers']} | {m['size']['embedding_dim']} | "
                      f"{m['recall@20']:.4f} | {m['ndcg@20']:.4f} | {m['recall@10']:.4f} | "
                      f"{m.get('cold_recall@20', float('nan')):.4f} | {share:.3f} | {m['train_seconds']:.0f} |")
-    lines += ["", "| serving cost | teacher | student | student / teacher |", "|---|---|---|---|"]
-    for kind in ("request", "recommend"):
-        for batch, per_model in serving[kind].items():
-            for stat in ("p50_ms", "p99_ms"):
-                t, s = per_model["teacher"][stat], per_model["student_distilled"][stat]
-                lines.append(f"| {kind} {batch.replace('_', ' ')} {stat[:3]} ms | {t:.3f} | {s:.3f} | {s / t:.2f} |")
+    lines += ["", *serving_lines(serving)]
     enc = serving["item_encoding"]
     lines.append(f"| item encoding, items/s | {enc['teacher']['items_per_s']:.0f} | "
                  f"{enc['student_distilled']['items_per_s']:.0f} | time {ratio['item_encoding_time']:.2f} |")
     lines += ["", "targets: " + "; ".join(f"{k} {'MET' if v['met'] else 'NOT met'}"
                                          for k, v in report["targets"].items())]
     return "\n".join(lines)
+
+
+def serving_lines(serving: dict) -> list[str]:
+    """The latency table, teacher and student side by side."""
+    lines = ["| serving cost | teacher | student | student / teacher |", "|---|---|---|---|"]
+    for kind in ("request", "recommend"):
+        for batch, per_model in serving[kind].items():
+            for stat in ("p50_ms", "p99_ms"):
+                t, s = per_model["teacher"][stat], per_model["student_distilled"][stat]
+                lines.append(f"| {kind} {batch.replace('_', ' ')} {stat[:3]} ms | {t:.3f} | {s:.3f} | {s / t:.2f} |")
+    return lines
 
 
 def save_plot(report: dict, path: Path) -> Path:

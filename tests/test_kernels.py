@@ -93,6 +93,43 @@ def test_exclusions_are_never_returned_and_the_rest_keeps_its_order():
     assert scores.shape == (5, 20) and scores.dtype == torch.float32 and indices.dtype == torch.int64
 
 
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_the_reference_selection_equals_the_full_sort_whichever_way_it_takes(values):
+    """select_topk takes topk's answer only where ties cannot change it; both ways give the documented order."""
+    generator = torch.Generator().manual_seed(6)
+    if values == "distinct":
+        scores = torch.randn(7, 500, generator=generator)
+    else:  # ties inside the top k and across its cut, and -inf rows
+        scores = torch.randint(-3, 4, (7, 500), generator=generator).float()
+        scores[2, :] = float("-inf")
+    for k in (1, 5, 40, 124, 125, 300, 500):
+        got_scores, got_indices = reference.select_topk(scores.clone(), k)
+        assert got_indices.tolist() == brute_force_topk(scores, k)
+        assert torch.equal(got_scores, scores.gather(1, got_indices))
+
+
+def test_exclusions_with_infinite_scores_and_ties_follow_the_documented_order():
+    """The CPU path lowers excluded items to -inf; where that could meet real -inf scores, the general path answers."""
+    generator = torch.Generator().manual_seed(7)
+    users = torch.randint(-2, 3, (6, 8), generator=generator).float()
+    items = torch.randint(-2, 3, (60, 8), generator=generator).float()
+    bias = torch.zeros(60)
+    bias[[3, 9, 40]] = float("-inf")
+    bias[11] = float("inf")
+    items[17] = float("nan")
+    exclude = torch.full((6, 10), -1, dtype=torch.int64)
+    banned: list[set[int]] = []
+    for row in range(6):
+        chosen = torch.randint(0, 60, (row * 2,), generator=generator)
+        exclude[row, : len(chosen)] = chosen
+        banned.append(set(chosen.tolist()))
+    full = reference.retrieval_scores(users, items, bias, 1.0)
+    for k in (1, 8, 45, 50):  # at 50 some row's k-th is -inf: the general path
+        scores, indices = kernels.retrieve_topk(users, items, k, bias=bias, exclude=exclude)
+        assert indices.tolist() == brute_force_topk(full, k, banned)
+        assert torch.equal(scores, full.gather(1, indices))
+
+
 def test_an_empty_batch_gets_empty_answers():
     scores, indices = kernels.retrieve_topk(torch.zeros(0, 8), torch.randn(10, 8), 3)
     assert scores.shape == (0, 3) and indices.shape == (0, 3)

@@ -94,3 +94,31 @@ def test_an_index_with_nan_rows_is_refused_at_load_naming_the_items(tiny_model):
     loaded.item_index[[2, 5]] = np.nan
     with pytest.raises(ValueError, match=rf"2 rows with NaN or infinite values \(items {loaded.item_ids[2]}, "):
         Scorer(loaded)
+
+
+@pytest.mark.parametrize("exclude_history", [True, False])
+def test_a_mixed_batch_answers_each_request_as_it_would_alone(exported, exclude_history):
+    """Whole-catalog requests, a candidate pool, an empty history, a repeated item and one asking for more items
+    than are left, ranked in one batch: each gets the answer (or the error) it gets on its own."""
+    data, _, ranker = exported
+    ids = data.items["item_id"].to_list()
+    catalog, scorer = ranker.catalog, ranker.scorer
+    requests = [
+        catalog.features(ids[:5], 4),
+        catalog.features(ids[3:9], 3, candidates=ids[:12]),
+        catalog.features(ids[:10], catalog.max_k),  # more than the catalog less the history
+        catalog.features([], 7),
+        catalog.features([ids[20], ids[21], ids[20]], 2),
+    ]
+    answers = scorer.rank(requests, exclude_history=exclude_history)
+    for request, answer in zip(requests, answers, strict=True):
+        (alone,) = scorer.rank([request], exclude_history=exclude_history)
+        if isinstance(alone, RankRequestError):
+            assert isinstance(answer, RankRequestError) and str(answer) == str(alone)
+            continue
+        assert np.array_equal(answer.items, alone.items) and len(answer.items) == request.k
+        for field in ("scores", "click", "like"):
+            assert np.allclose(getattr(answer, field), getattr(alone, field), atol=1e-6)
+        if exclude_history:
+            assert not set(answer.items.tolist()) & set(request.history[request.mask].tolist())
+    assert isinstance(answers[2], RankRequestError) == exclude_history

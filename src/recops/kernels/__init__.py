@@ -12,6 +12,7 @@ rather than fall back when the kernels cannot be loaded). :func:`backend` says w
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from recops.kernels import cuda, reference
@@ -60,8 +61,10 @@ def retrieve_topk(
             raise ValueError(
                 f"exclude must be int64 of shape ({users.shape[0]}, E), got {exclude.dtype} {tuple(exclude.shape)}"
             )
-        if exclude.numel() and (exclude.min() < -1 or exclude.max() >= n_items):
-            raise ValueError(f"exclude holds an item index outside [0, {n_items}) (use -1 for padding)")
+        if exclude.numel():
+            lowest, highest = _bounds(exclude)
+            if lowest < -1 or highest >= n_items:
+                raise ValueError(f"exclude holds an item index outside [0, {n_items}) (use -1 for padding)")
         n_excluded = exclude.shape[1]
     users = users.contiguous()
     # Exclusions are applied after selection: at most E excluded items can rank above a user's k-th
@@ -70,6 +73,10 @@ def retrieve_topk(
     wanted = min(k + n_excluded, n_items)
     if users.shape[0] == 0:
         return users.new_zeros((0, k), dtype=torch.float32), users.new_zeros((0, k), dtype=torch.int64)
+    if n_excluded and users.device.type == "cpu":
+        answer = _retrieve_excluding_on_cpu(users, items, bias, float(scale), k, exclude)  # type: ignore[arg-type]
+        if answer is not None:
+            return answer
     if _use_cuda_retrieval(users, wanted):
         scores, indices = cuda.extension().retrieve_topk(users, items, bias, float(scale), wanted)
     else:
@@ -105,8 +112,10 @@ def head_features(
             _check_tensor(rows, name, items.device)
             if rows.dtype != torch.int64 or rows.dim() != 1:
                 raise ValueError(f"{name} must be an int64 vector, got {rows.dtype} {tuple(rows.shape)}")
-            if rows.numel() and (rows.min() < 0 or rows.max() >= table.shape[0]):
-                raise ValueError(f"{name} holds a row outside [0, {table.shape[0]})")
+            if rows.numel():
+                lowest, highest = _bounds(rows)
+                if lowest < 0 or highest >= table.shape[0]:
+                    raise ValueError(f"{name} holds a row outside [0, {table.shape[0]})")
         if user_rows.shape != item_rows.shape:
             raise ValueError(f"user_rows and item_rows differ in length: {user_rows.numel()} and {item_rows.numel()}")
     if users.is_cuda and cuda.extension() is not None:
@@ -136,6 +145,39 @@ def _drop_excluded(
     # A stable sort on the flag moves excluded entries back and keeps the ranked order of the rest.
     keep = torch.sort(excluded.to(torch.int8), dim=1, stable=True).indices[:, :k]
     return scores.gather(1, keep), indices.gather(1, keep)
+
+
+def _retrieve_excluding_on_cpu(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    k: int,
+    exclude: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The reference path with exclusions, in one selection: on the CPU the reference writes the B × N scores
+    anyway, so each user's excluded items are set to ``-inf`` there and the top ``k`` taken, not k + E.
+
+    That answer is the documented one when every row's k-th score is above ``-inf``: lowering excluded items
+    changes no other item's place, and none of them can then be among the k. Otherwise (a row short of items,
+    or ties with genuine ``-inf`` scores) ``None``: the general path decides, and raises where it must."""
+    scores = reference.retrieval_scores(users, items, bias, scale)
+    if scores.requires_grad:
+        return None
+    banned = exclude.numpy()
+    rows, columns = np.nonzero(banned >= 0)
+    scores.numpy()[rows, banned[rows, columns]] = -np.inf
+    values, indices = reference.select_topk(scores, k)
+    return None if np.isneginf(values.numpy()[:, -1]).any() else (values, indices)
+
+
+def _bounds(tensor: torch.Tensor) -> tuple[int, int]:
+    """The smallest and largest value of a non-empty integer tensor, read back once."""
+    if tensor.device.type == "cpu":
+        values = tensor.numpy()
+        return int(values.min()), int(values.max())
+    lowest, highest = torch.aminmax(tensor)
+    return tuple(torch.stack([lowest, highest]).tolist())  # type: ignore[return-value]
 
 
 def _check_tensor(tensor: object, name: str, device: torch.device) -> None:

@@ -99,12 +99,19 @@ class TwoTowerModel(nn.Module):
         """Normalised user vectors from padded history indices (``history``, ``mask``: B × L)."""
         # Only the valid entries are gathered: long padded histories cost what they hold.
         rows, columns = mask.nonzero(as_tuple=True)
-        entries = history[rows, columns]
+        return self.user_vectors_of_entries(item_vectors, history[rows, columns], rows, mask.sum(dim=1))
+
+    def user_vectors_of_entries(
+        self, item_vectors: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`user_vectors` from the valid history entries, already listed: their item indices and users'
+        rows (``entries``, ``rows``: M, users in order, each user's entries oldest first) and each user's number
+        of entries (``counts``: B). Serving lists them on the host, where that costs less than torch ops."""
         read = item_vectors[entries]
         if self.config.use_id_embeddings:
             read = read + self.history_embedding(entries)
-        counts = mask.sum(dim=1, keepdim=True).to(item_vectors.dtype)
-        summed = item_vectors.new_zeros(history.shape[0], item_vectors.shape[1]).index_add(0, rows, read)
+        counts = counts.to(item_vectors.dtype).unsqueeze(1)
+        summed = item_vectors.new_zeros(counts.shape[0], item_vectors.shape[1]).index_add_(0, rows, read)
         pooled = summed / counts.clamp(min=1.0)
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)

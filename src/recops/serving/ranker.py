@@ -124,79 +124,109 @@ class Scorer:
             )
         self.scale = 1.0 / self.model.config.temperature
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def rank(
         self, requests: Sequence[RankInput], exclude_history: bool = True
     ) -> list[RankedIndices | RankRequestError]:
         """Answer a batch of requests in one pass; a request that cannot be answered gets its error instead."""
-        history = torch.as_tensor(np.stack([r.history for r in requests]), device=self.device)
-        mask = torch.as_tensor(np.stack([r.mask for r in requests]), device=self.device)
-        users = self.model.user_vectors(self.item_vectors, history, mask)
-        # Each user's history as item indices to skip (-1: padding): the kernel never reads a B × N mask.
-        excluded = history.masked_fill(~mask, -1) if exclude_history else history.new_full((len(requests), 0), -1)
+        # The per-request bookkeeping (valid history entries, what each user must not get, how many items are
+        # left) is numpy on the host: on arrays this small a numpy call costs a fraction of a torch op.
+        history = np.stack([r.history for r in requests])
+        mask = np.stack([r.mask for r in requests])
+        rows, columns = np.nonzero(mask)
+        users = self.model.user_vectors_of_entries(
+            self.item_vectors, self._tensor(history[rows, columns]), self._tensor(rows), self._tensor(mask.sum(axis=1))
+        )
+        n_items = self.item_vectors.shape[0]
+        excluded, left = None, np.full(len(requests), n_items)
+        if exclude_history:
+            excluded, distinct = _exclusions(history, mask)
+            left = n_items - distinct
         answers: list[RankedIndices | RankRequestError | None] = [None] * len(requests)
-        catalog = [row for row, r in enumerate(requests) if r.candidates is None]
-        left = self._items_left(excluded[catalog]) if catalog else []
         answerable = []
-        for row, n_left in zip(catalog, left, strict=True):
-            if requests[row].k <= n_left:
+        for row, request in enumerate(requests):
+            if request.candidates is not None:
+                continue
+            if request.k <= left[row]:
                 answerable.append(row)
             else:
-                answers[row] = RankRequestError(f"k={requests[row].k} but only {n_left} items are left to recommend")
+                answers[row] = RankRequestError(f"k={request.k} but only {int(left[row])} items are left to recommend")
         if answerable:
             # One top-k at the largest k; each row keeps its own first k (the answers are in order).
             k_max = max(requests[row].k for row in answerable)
-            selected = torch.as_tensor(answerable, device=self.device)
+            chosen, exclude = users, excluded
+            if len(answerable) < len(requests):
+                chosen = users[self._tensor(np.array(answerable))]
+                exclude = None if excluded is None else excluded[answerable]
             scores, top = kernels.retrieve_topk(
-                users[selected],
+                chosen,
                 self.item_vectors,
                 k_max,
                 bias=self.item_bias,
                 scale=self.scale,
-                exclude=excluded[selected],
+                exclude=self._tensor(exclude) if exclude is not None and exclude.size else None,
             )
-            ranked = self._with_heads(users[selected], scores, top)
+            items, item_scores, click, like = self._with_heads(chosen, scores, top)
             for position, row in enumerate(answerable):
-                k, answer = requests[row].k, ranked[position]
-                answers[row] = RankedIndices(answer.items[:k], answer.scores[:k], answer.click[:k], answer.like[:k])
+                k = requests[row].k
+                answers[row] = RankedIndices(
+                    items[position, :k], item_scores[position, :k], click[position, :k], like[position, :k]
+                )
         for row, request in enumerate(requests):
             if request.candidates is not None:
-                answers[row] = self._rank_pool(users[row : row + 1], request, excluded[row])
+                history_items = None if excluded is None else excluded[row]
+                answers[row] = self._rank_pool(users[row : row + 1], request, history_items)
         return answers  # type: ignore[return-value]  # every row was answered above
 
-    def _items_left(self, excluded: torch.Tensor) -> list[int]:
-        """How many items each row may still get: the catalog less its distinct excluded items."""
-        n_items = self.item_vectors.shape[0]
-        if excluded.shape[1] == 0:
-            return [n_items] * excluded.shape[0]
-        ordered = torch.sort(excluded, dim=1).values
-        distinct = (ordered >= 0) & torch.cat(
-            [ordered.new_ones(ordered.shape[0], 1, dtype=torch.bool), ordered[:, 1:] != ordered[:, :-1]], dim=1
-        )
-        return (n_items - distinct.sum(dim=1)).tolist()
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the scorer's device (shared, not copied, on the CPU)."""
+        return torch.from_numpy(array) if self.device.type == "cpu" else torch.as_tensor(array, device=self.device)
 
     def _rank_pool(
-        self, user: torch.Tensor, request: RankInput, excluded: torch.Tensor
+        self, user: torch.Tensor, request: RankInput, excluded: np.ndarray | None
     ) -> RankedIndices | RankRequestError:
         """Rank a request's own candidates (less its history): retrieval over those rows of the index."""
         # Sorted and distinct: ties between pool rows then break by item index, as over the whole catalog.
-        pool = torch.unique(torch.as_tensor(request.candidates, device=self.device))
-        pool = pool[~torch.isin(pool, excluded[excluded >= 0])]
-        if request.k > pool.numel():
-            return RankRequestError(f"k={request.k} but only {pool.numel()} items are left to recommend")
+        pool = np.unique(np.asarray(request.candidates))
+        if excluded is not None and excluded.size:
+            pool = pool[~np.isin(pool, excluded[excluded >= 0])]
+        if request.k > pool.size:
+            return RankRequestError(f"k={request.k} but only {pool.size} items are left to recommend")
+        rows = self._tensor(pool)
         scores, top = kernels.retrieve_topk(
-            user, self.item_vectors[pool].contiguous(), request.k, bias=self.item_bias[pool], scale=self.scale
+            user, self.item_vectors[rows].contiguous(), request.k, bias=self.item_bias[rows], scale=self.scale
         )
-        return self._with_heads(user, scores, pool[top])[0]
+        items, item_scores, click, like = self._with_heads(user, scores, rows[top])
+        return RankedIndices(items[0], item_scores[0], click[0], like[0])
 
-    def _with_heads(self, users: torch.Tensor, scores: torch.Tensor, top: torch.Tensor) -> list[RankedIndices]:
-        """Click and like probabilities of each (user, retrieved item) pair, features assembled in one pass."""
+    def _with_heads(
+        self, users: torch.Tensor, scores: torch.Tensor, top: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Items, scores, click and like probabilities (each B × k) of each user's retrieved items; the heads'
+        features assembled in one pass."""
         n_users, k = top.shape
-        user_rows = torch.arange(n_users, device=self.device).repeat_interleave(k)
+        user_rows = self._tensor(np.repeat(np.arange(n_users, dtype=np.int64), k))
         features = kernels.head_features(users, self.item_vectors, user_rows, top.reshape(-1))
         click, like = (torch.sigmoid(logits).reshape(n_users, k).cpu().numpy() for logits in self.model.heads(features))
-        top_np, scores_np = top.cpu().numpy(), scores.float().cpu().numpy()
-        return [RankedIndices(top_np[row], scores_np[row], click[row], like[row]) for row in range(n_users)]
+        return top.cpu().numpy(), scores.float().cpu().numpy(), click, like
+
+
+def _exclusions(history: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What each user must not get, and how many distinct items that is.
+
+    The history entries ascending, ``-1`` for padding (B × E), narrowed to the last E columns where every
+    row's items are (the retrieval reads k + E candidates on a GPU); and each row's count of distinct item
+    indices. One sort on the host serves both."""
+    values = np.where(mask, history, -1)
+    values.sort(axis=1, kind="stable")  # numpy's default sort is slow on the many equal -1s of padding
+    valid = values >= 0
+    n_valid = valid.sum(axis=1)
+    distinct = n_valid - (valid[:, 1:] & (values[:, 1:] == values[:, :-1])).sum(axis=1)
+    # Ascending, so padding comes first; anything below -1 (which the retrieval refuses) too: keep it all then.
+    width = int(n_valid.max(initial=0))
+    if values.size and values[:, 0].min() < -1:
+        width = values.shape[1]
+    return values[:, values.shape[1] - width :], distinct
 
 
 class Ranker:
