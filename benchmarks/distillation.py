@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--student-layers", type=int, default=2, help="MiniLM layers the student keeps (of 6)")
     parser.add_argument("--temperature", type=float, default=2.0, help="spec.distillation.temperature")
     parser.add_argument("--weight", type=float, default=0.5, help="spec.distillation.weight")
+    parser.add_argument("--retrieval-weight", type=float, default=0.5, help="spec.distillation.retrievalWeight")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=64, help="the larger request batch measured")
     parser.add_argument("--repeats", type=int, default=2000, help="latency repetitions at batch 1 (a tenth at --batch)")
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
             "student_distilled": {
                 **model_settings(args, student_backbone, args.student_dim),
                 "distillation": {"teacher": f"file://{dirs['teacher']}", "temperature": args.temperature,
-                                 "weight": args.weight},
+                                 "weight": args.weight, "retrievalWeight": args.retrieval_weight},
             },
             "student_plain": model_settings(args, student_backbone, args.student_dim),
         }
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
         "data": data.summary(),
         "settings": {"student_layers": args.student_layers, "teacher_dim": args.teacher_dim,
                      "student_dim": args.student_dim, "distillation_temperature": args.temperature,
-                     "distillation_weight": args.weight, "epochs": args.epochs, "k": K},
+                     "distillation_weight": args.weight, "distillation_retrieval_weight": args.retrieval_weight,
+                     "epochs": args.epochs, "k": K},
         "models": models,
         "serving": serving,
         # What `recops train` of the student wrote beside its own metrics (metrics.json's "teacher").
