@@ -70,6 +70,18 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_dir(tiny_model):
+    """The tiny model's exported directory (what routers and Triton serve in the tests)."""
+    return tiny_model[2]
+
+
+@pytest.fixture(scope="session")
+def items(tiny_model):
+    """The tiny model's item ids."""
+    return tiny_model[0].items["item_id"].to_list()
+
+
+@pytest.fixture(scope="session")
 def prometheus_bin() -> str:
     """The ``prometheus`` binary; skips (or fails with RECOPS_REQUIRE_PROMETHEUS=1) when absent."""
     from _prometheus import prometheus_binary

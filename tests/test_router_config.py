@@ -17,10 +17,6 @@ from recops.serving.router.config import ConfigError, parse_config
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model):
-    return tiny_model[2]
-
 
 class ConfigMap:
     """A folder laid out like a mounted ConfigMap: ``router.yaml -> ..data/router.yaml``, ``..data -> ..<n>``.

@@ -22,14 +22,6 @@ from recops.serving.triton_server import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model):
-    return tiny_model[2]
-
-
-@pytest.fixture(scope="module")
-def items(tiny_model):
-    return tiny_model[0].items["item_id"].to_list()
 
 
 @pytest.mark.parametrize("fsync", ["always", "interval", "never"])

@@ -48,14 +48,6 @@ def kafka(tmp_path_factory):
         print(f"kafka broker start-up times (s): {[round(s, 2) for s in broker.startup_seconds]}")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model):
-    return tiny_model[2]
-
-
-@pytest.fixture(scope="module")
-def items(tiny_model):
-    return tiny_model[0].items["item_id"].to_list()
 
 
 def kafka_router(model_dir: Path, folder: Path, name: str, broker: KafkaBroker, topic: str, **kafka: object) -> Path:
