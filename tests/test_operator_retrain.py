@@ -153,6 +153,18 @@ def test_a_revision_that_lost_recall_is_rolled_back_without_being_served():
     assert ("Warning", "RetrainRolledBack") in [(e.type, e.reason) for e in result.events]
 
 
+def test_the_recall_floor_follows_the_revision_serving_now():
+    jobs = [finished("ranker-retrain-100", minute=1), finished("ranker-retrain-200", minute=2)]
+    messages = {"ranker-retrain-100": trained(0.40), "ranker-retrain-200": trained(0.35)}
+    first = plan(DIRECT, retrain=RetrainObservation(jobs=jobs, messages=messages))
+    assert first.status.serving_revision == "ranker-retrain-100"
+    # 0.35 is within 5% of the base's 0.30, but 12% below the 0.40 that serves now.
+    second = plan(DIRECT, status=first.status.to_patch(), retrain=RetrainObservation(jobs=jobs, messages=messages))
+    assert second.status.serving_revision == "ranker-retrain-100"
+    outcome = second.status.retrain.history[-1]
+    assert outcome.phase == "RolledBack" and "below 0.38 (the serving 0.4" in outcome.message
+
+
 def test_a_failed_retrain_job_is_a_warning_and_the_serving_revision_stays():
     result = plan(retrain=RetrainObservation(jobs=[finished("ranker-retrain-100", "Failed")]))
     assert "failed" in result.status.retrain.last_run_message

@@ -82,7 +82,10 @@ def _stamp(now: datetime) -> str:
 def plan_retrain(owner: Owner, spec: RecModelSpec, base_revision: str, serving_recall: float | None,
                  saved: Mapping[str, Any] | None, observation: RetrainObservation, now: datetime,
                  settings: OperatorSettings) -> RetrainPlan:
-    """The retrain step of a RecModel whose base revision is trained (``spec.retrain`` set)."""
+    """The retrain step of a RecModel whose base revision is trained (``spec.retrain`` set).
+
+    ``serving_recall`` is the base revision's Recall@20; once a retrained revision serves, its own counts.
+    """
     assert spec.retrain is not None
     status = RetrainStatus.model_validate(dict(saved or {}))
     status.cron_job = manifests.cronjob_name(owner.name)
@@ -111,6 +114,9 @@ def plan_retrain(owner: Owner, spec: RecModelSpec, base_revision: str, serving_r
             delete += _candidate_objects(owner, spec, candidate.revision, settings)
             status.candidate = candidate = None
     else:
+        if status.promoted is not None:  # a retrained revision serves: the next one must keep *its* recall
+            serving_recall = next((h.recall for h in reversed(status.history or []) if h.revision == status.promoted),
+                                  serving_recall)
         candidate = _take_finished_job(owner, spec, status, observation, serving_recall, settings, record, events)
 
     serving = status.promoted
