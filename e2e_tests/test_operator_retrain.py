@@ -129,10 +129,14 @@ def test_a_retrained_revision_that_fails_its_gates_is_rolled_back(cluster, names
         assert model_status(cluster, namespace)["retrain"]["candidate"]["phase"] == "Testing"
 
         endpoints = {"treatment": stack.tritons["weaker"], "control": stack.tritons["better"]}
+        def decided() -> bool:
+            # The parent deletes the experiment as soon as it has decided: look at the parent first.
+            if not model_status(cluster, namespace)["retrain"].get("candidate"):
+                return True
+            return experiment_status(cluster, namespace, "ranker-retrain-1").get("phase") in TERMINAL
+
         with routed(cluster, namespace, stack, "ranker-retrain-1", work, port, prometheus, endpoints):
-            wait_for(lambda: experiment_status(cluster, namespace, "ranker-retrain-1").get("phase") in TERMINAL
-                     or not model_status(cluster, namespace)["retrain"].get("candidate"),
-                     "the experiment to decide", timeout=240, interval=1)
+            wait_for(decided, "the experiment to decide", timeout=240, interval=1)
     finally:
         prometheus.stop()
 
