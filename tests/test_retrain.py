@@ -135,6 +135,14 @@ def test_a_missing_feedback_log_is_a_clear_error(shop, tmp_path):
                                  str(folder / "runs" / "v1"), "--feedback", str(tmp_path / "empty"),
                                  "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "no feedback log (*.jsonl) in this folder" in result.output, result.output
+    for feedback, extra, message in (
+            ("kafka://127.0.0.1:9/fb", [], "needs --feedback-store DIR"),
+            ("kafka://127.0.0.1:9/", ["--feedback-store", str(tmp_path / "store")], "the broker and one topic")):
+        result = runner.invoke(app, ["retrain", "-f", str(folder / "recmodel.yaml"), "--previous",
+                                     str(folder / "runs" / "v1"), "--feedback", feedback, *extra,
+                                     "--out", str(tmp_path / "d")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_generated_source_retrains_from_its_own_events_and_catalog(shop, tmp_path):

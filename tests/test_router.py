@@ -158,6 +158,8 @@ BAD_INPUTS = [
     (b'{"user_id": "u", "candidates": []}', 422, "candidates"),
     (b'{"user_id": "u", "arm": "nope"}', 422, "arm"),
     (b'{"user_id": "u", "colour": "red"}', 422, "colour"),
+    (b'{"user_id": "u", "device": ""}', 422, "device"),
+    (b'{"user_id": "u", "device": 7}', 422, "device"),
     (b'{"user_id": "' + b"u" * 5000 + b'"}', 413, "body"),  # maxBodyBytes is 4096
 ]
 
@@ -171,6 +173,7 @@ BAD_FEEDBACK = [
     (b'{"user_id": "u", "item_id": "i", "event": "click", "value": 3}', 422, "value"),
     (b'{"user_id": "u", "item_id": "i", "event": "click", "timestamp": -5}', 422, "timestamp"),
     (b'{"user_id": "u", "item_id": "i", "event": "click", "arm": "nope"}', 422, "arm"),
+    (b'{"user_id": "u", "item_id": "i", "event": "click", "device": "' + b"d" * 129 + b'"}', 422, "device"),
     (b'{"events": []}', 422, "events"),
     (b'{"events": [{"user_id": "u", "item_id": "i", "event": "click"}, {"user_id": "u"}]}', 422, "events[1].item_id"),
     (b'{"events": [{"user_id": "u", "item_id": "i", "event": "click", "arm": "x"}]}', 422, "events[0].arm"),
