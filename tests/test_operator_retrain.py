@@ -210,12 +210,12 @@ def test_an_experiment_tests_the_retrained_revision_against_the_serving_one():
     assert parse_recmodel_spec(model["spec"]).artifact.endswith("ranker-retrain-100")
     assert parse_recexperiment_spec(experiment["spec"]).treatment.model == "ranker-retrain-100"
 
-    observe = RetrainObservation(jobs=jobs, messages=messages, candidate=model)
+    observe = RetrainObservation(jobs=jobs, messages=messages)
     running = plan(status=testing.status.to_patch(), retrain=observe)
     assert running.status.retrain.candidate is not None and running.delete == () and running.events == ()
 
     promoted = plan(status=testing.status.to_patch(), retrain=RetrainObservation(
-        jobs=jobs, messages=messages, candidate=model,
+        jobs=jobs, messages=messages,
         experiment=experiment_with("Promoted", "every gate passed at step 2")))
     assert promoted.status.serving_revision == "ranker-retrain-100" and promoted.status.recall == 0.31
     assert served(promoted)["model"] == "/artifacts/shop/ranker/ranker-retrain-100"
@@ -232,9 +232,8 @@ def test_a_retrained_revision_that_fails_its_gates_is_rolled_back(phase):
     jobs = [finished("ranker-retrain-100")]
     messages = {"ranker-retrain-100": trained(0.31)}
     testing = plan(retrain=RetrainObservation(jobs=jobs, messages=messages))
-    model = by_kind(testing, "RecModel")[0]
     result = plan(status=testing.status.to_patch(), retrain=RetrainObservation(
-        jobs=jobs, messages=messages, candidate=model, experiment=experiment_with(phase, "ctrLift failed")))
+        jobs=jobs, messages=messages, experiment=experiment_with(phase, "ctrLift failed")))
     assert result.status.serving_revision == revision() and served(result)["revision"] == revision()
     assert result.status.retrain.history[-1].phase == "RolledBack"
     assert "ctrLift failed" in result.status.retrain.history[-1].message

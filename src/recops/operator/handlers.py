@@ -105,7 +105,7 @@ def reconcile_model(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
 
 def _observe_retrain(kube: Kube, owner: Owner, status: dict[str, Any]) -> RetrainObservation:
     """The retrain Jobs (with the termination messages of those that succeeded and are not yet taken) and
-    the candidate under test with its experiment."""
+    the experiment testing the candidate."""
     jobs = kube.list("batch/v1", "Job", owner.namespace, retrain_manifests.retrain_selector(owner.name))
     taken = ((status.get("retrain") or {}).get("lastRunTime") or "", (status.get("retrain") or {}).get("lastRun") or "")
     messages = {}
@@ -117,7 +117,6 @@ def _observe_retrain(kube: Kube, owner: Owner, status: dict[str, Any]) -> Retrai
     candidate = ((status.get("retrain") or {}).get("candidate") or {}).get("revision")
     return RetrainObservation(
         jobs=jobs, messages=messages,
-        candidate=kube.get(API_VERSION, "RecModel", owner.namespace, candidate) if candidate else None,
         experiment=kube.get(API_VERSION, "RecExperiment", owner.namespace, candidate) if candidate else None,
     )
 

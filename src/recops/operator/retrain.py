@@ -47,8 +47,8 @@ class RetrainObservation:
     """The model's retrain Jobs (any age, any state)."""
     messages: Mapping[str, Mapping[str, Any]] | None = None
     """Each succeeded Job's termination message, by Job name."""
-    candidate: Mapping[str, Any] | None = None
     experiment: Mapping[str, Any] | None = None
+    """The RecExperiment testing the candidate (its phase says when it has decided)."""
 
 
 @dataclass(frozen=True)
