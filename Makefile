@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install system-deps cuda-toolchain kernels kafka demo test lint images clean
+.PHONY: install system-deps cuda-toolchain kernels kafka demo test lint images images-local clean
 
 $(BIN)/recops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,11 @@ images:
 	  docker buildx build --platform $(PLATFORMS) --build-arg VERSION=$(VERSION) \
 	    --tag $(REGISTRY)/$$name:$(VERSION) --file $$folder/Dockerfile --push . ; \
 	done
+
+## The operator image built on this machine, no Docker engine or registry: a Debian base (mmdebstrap) and
+## buildah, root only; OCI archives in ~/.cache/recops/images (see images/build-local.sh).
+images-local:
+	images/build-local.sh operator
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache kernels/build

@@ -441,7 +441,9 @@ class LocalCluster:
             [
                 f"--kubeconfig={kubeconfig}",
                 f"--config={self.stages_file}",
-                "--manage-all-nodes=true",
+                # Only the fake nodes: a real kubelet registered beside them reports its own status.
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--node-lease-duration-seconds=40",
             ],
         )

@@ -22,7 +22,7 @@ ETCD_VERSION=v3.6.16 # apiservers need etcd >= 3.5.13 for RequestWatchProgress
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 # Bump when the build flags or layout change, so caches built the old way are not reused.
-BUILD_REV=1
+BUILD_REV=2
 # The wrappers' `go` line: every pinned module declares go 1.26.0.
 GO_LINE=1.26.0
 # -------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ declare -A PRODUCES=(
   [etcd]="etcd"
   [kwok]="kwok"
   [helm]="helm"
-  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
 )
 # Smallest first, so a broken setup shows up before the long Kubernetes compile.
 COMPONENTS=(etcd kwok helm kubernetes)
@@ -191,6 +191,8 @@ K8S_PKGS=(
   "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION"
   "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION"
   "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+  "k8s.io/kubernetes/cmd/kubelet@$K8S_VERSION"
+  "k8s.io/kubernetes/cmd/kube-proxy@$K8S_VERSION"
 )
 
 # Phase 1: resolve and download everything (network only) for the components still missing.
