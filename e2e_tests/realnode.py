@@ -1,0 +1,326 @@
+"""A real Kubernetes node beside kwok's fake one: kubelet + containerd 2.x + runc + CNI, in a network namespace.
+
+Work in progress for issue 13 (no test uses it yet; ``python -m e2e_tests.realnode`` runs its smoke check).
+What it does, and why, each step a method of :class:`RealNode`:
+
+1. ``_network``: a network namespace ``recops-node`` and a veth pair, host 10.250.0.1 / node 10.250.0.2.
+   containerd, kubelet and every pod live in that namespace, so their bridge (cni0, 10.244.0.0/24) and
+   addresses exist only there. The host gets routes to the pod and service ranges through the node and
+   nothing else: the namespace has no default route, nothing is masqueraded.
+2. ``_apiserver_forward``: the control plane listens on 127.0.0.1 only; socat forwards the node's
+   view of it (10.250.0.1:6443) there. TLS names ``kubernetes.default.svc``, which the apiserver's
+   self-signed certificate carries.
+3. ``_cgroup_root``: the kubelet's pods go under ``/recops-node`` in every cgroup v1 hierarchy. Its
+   ``cpuset.cpus`` and ``cpuset.mems`` are copied from the root, since an empty cpuset refuses tasks.
+4. ``_containerd``: CRI with ``restrict_oom_score_adj``: this machine's root lacks CAP_SYS_RESOURCE,
+   so runc fails ("failed to update /proc/self/oom_score_adj: Permission denied", reported only as
+   "can't get final child's PID from pipe: EOF") when asked for the pause container's -998.
+5. ``_kubelet``: ``failCgroupV1: false`` (1.35+ refuse cgroup v1 otherwise), cgroupfs driver,
+   started with ``nsenter --net`` and never ``ip netns exec``, which remounts /sys and hides the cgroup
+   mounts ("failed to find cgroup mounts").
+
+Images are imported into containerd's ``k8s.io`` namespace (``import_image``); pods use
+``imagePullPolicy: Never`` or ``IfNotPresent`` and never reach a registry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from e2e_tests.localcluster import ClusterError, LocalCluster, _Process, wait_until
+
+HERE = Path(__file__).resolve().parent
+BUILD_NODE_SCRIPT = HERE / "cluster" / "build-node.sh"
+
+NETNS = "recops-node"
+HOST_IP, NODE_IP = "10.250.0.1", "10.250.0.2"
+POD_CIDR, SERVICE_CIDR, CLUSTER_DNS = "10.244.0.0/24", "10.96.0.0/16", "10.96.0.10"
+APISERVER_PORT = 6443
+CGROUP_ROOT = "recops-node"
+CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd")
+PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+NODE_NAME = "real-node-0"
+
+
+@dataclass
+class RealNode:
+    """One real node, registered with ``cluster``; ``start()`` returns once it is Ready."""
+
+    cluster: LocalCluster
+    node_bin: Path
+    work_dir: Path
+    runc: str = "/usr/sbin/runc"
+    start_timeout: float = 60.0
+    startup_seconds: dict[str, float] = field(init=False, default_factory=dict)
+    _processes: list[_Process] = field(init=False, default_factory=list)
+    # The named network namespaces before the node started: the pods' (cni-*) are the new ones.
+    _netns_before: set[str] = field(init=False, default_factory=set)
+
+    @property
+    def socket(self) -> Path:
+        return self.work_dir / "containerd.sock"
+
+    def start(self) -> RealNode:
+        started = time.monotonic()
+        self._netns_before = _named_netns()
+        try:
+            self._network()
+            self._apiserver_forward()
+            self._cgroup_root()
+            self._containerd()
+            self._pause_image()
+            self._kubelet()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds["total"] = time.monotonic() - started
+        return self
+
+    def import_image(self, archive: Path) -> None:
+        """Import an OCI archive (``buildah push IMG oci-archive:F:NAME``) for the kubelet's CRI."""
+        self.ctr("images", "import", str(archive))
+
+    def ctr(self, *args: str) -> str:
+        done = subprocess.run([str(self.node_bin / "ctr"), "--address", str(self.socket), "-n", "k8s.io", *args],
+                              capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f"ctr {' '.join(args)} failed:\n{done.stderr}")
+        return done.stdout
+
+    def stop(self) -> None:
+        """Kill the pods' processes, the kubelet and containerd; unmount, remove cgroups and the namespace."""
+        for proc in reversed(self._processes):
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+                try:
+                    proc.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.popen.kill()
+        self._processes.clear()
+        # The shims and the pods' processes outlive containerd by design: everything in the node's cgroups goes.
+        subprocess.run(["pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*-address {self.socket}"], check=False)
+        for procs in (Path("/sys/fs/cgroup/pids") / CGROUP_ROOT).rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                subprocess.run(["kill", "-KILL", pid], capture_output=True, check=False)
+        # The kubelet's volume mounts (projected tokens, emptyDirs) outlive it too.
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.work_dir))]
+        for mount in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        # A killed process leaves its cgroup a moment later; the kubelet made one in the cgroup2 "unified" mount too.
+        for controller in (*CGROUP_CONTROLLERS, "unified"):
+            root = Path("/sys/fs/cgroup") / controller / CGROUP_ROOT
+            for directory in [*sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True), root]:
+                wait_until(lambda d=directory: not d.exists() or _rmdir(d), timeout=10, what=f"{directory} to go")
+        for netns in _named_netns() - self._netns_before:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", "rn-host"], capture_output=True, check=False)
+
+    # --- the steps --------------------------------------------------------------------------------
+
+    def _network(self) -> None:
+        for command in (
+            f"ip netns add {NETNS}",
+            "ip link add rn-host type veth peer name rn-node",
+            f"ip link set rn-node netns {NETNS}",
+            f"ip addr add {HOST_IP}/30 dev rn-host",
+            "ip link set rn-host up",
+            f"ip -n {NETNS} addr add {NODE_IP}/30 dev rn-node",
+            f"ip -n {NETNS} link set rn-node up",
+            f"ip -n {NETNS} link set lo up",
+            f"ip netns exec {NETNS} sysctl -qw net.ipv4.ip_forward=1",
+            f"ip route add {POD_CIDR} via {NODE_IP}",
+            f"ip route add {SERVICE_CIDR} via {NODE_IP}",
+        ):
+            done = subprocess.run(command.split(), capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise ClusterError(f"{command}: {done.stderr.strip()}")
+
+    def _apiserver_forward(self) -> None:
+        port = self.cluster.server.rsplit(":", 1)[1]
+        self._spawn("socat", ["socat", f"TCP-LISTEN:{APISERVER_PORT},bind={HOST_IP},fork,reuseaddr",
+                              f"TCP:127.0.0.1:{port}"], in_netns=False)
+
+    def _cgroup_root(self) -> None:
+        for controller in CGROUP_CONTROLLERS:
+            (Path("/sys/fs/cgroup") / controller / CGROUP_ROOT).mkdir(exist_ok=True)
+        cpuset = Path("/sys/fs/cgroup/cpuset")
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            (cpuset / CGROUP_ROOT / name).write_text((cpuset / name).read_text())
+
+    def _containerd(self) -> None:
+        started = time.monotonic()
+        cni = self.work_dir / "cni"
+        (cni / "net.d").mkdir(parents=True, exist_ok=True)
+        (cni / "net.d" / "10-recops.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": "recops", "plugins": [
+                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [{"dst": "0.0.0.0/0"}],
+                          "dataDir": str(cni / "ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ]}))
+        config = self.work_dir / "containerd.toml"
+        config.write_text(f"""version = 3
+root = "{self.work_dir}/containerd/root"
+state = "{self.work_dir}/containerd/state"
+[grpc]
+  address = "{self.socket}"
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["{self.node_bin}"]
+    conf_dir = "{cni / 'net.d'}"
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      BinaryName = "{self.runc}"
+      SystemdCgroup = false
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "{PAUSE_IMAGE}"
+""")
+        proc = self._spawn("containerd", [str(self.node_bin / "containerd"), "--config", str(config)])
+        wait_until(lambda: proc.check_alive() or self.socket.exists(), timeout=self.start_timeout,
+                   what="containerd's socket", on_timeout=proc.tail)
+        self.startup_seconds["containerd"] = time.monotonic() - started
+
+    def _pause_image(self) -> None:
+        """The sandbox image, from the pause binary alone (no registry to pull it from)."""
+        archive = self.work_dir / "pause.oci.tar"
+        container = _buildah("from", "scratch")
+        try:
+            _buildah("copy", container, str(self.node_bin / "pause"), "/pause")
+            _buildah("config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container)
+            _buildah("commit", "-q", container, PAUSE_IMAGE)
+        finally:
+            _buildah("rm", container)
+        _buildah("push", "-q", PAUSE_IMAGE, f"oci-archive:{archive}:{PAUSE_IMAGE}")
+        self.import_image(archive)
+
+    def _kubelet(self) -> None:
+        started = time.monotonic()
+        kubeconfig = self.work_dir / "kubelet.kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "local", "cluster": {
+                "server": f"https://{HOST_IP}:{APISERVER_PORT}", "certificate-authority": str(self.cluster.ca_file),
+                "tls-server-name": "kubernetes.default.svc"}}],
+            "users": [{"name": "kubelet", "user": {"token": self.cluster.token}}],
+            "contexts": [{"name": "kubelet", "context": {"cluster": "local", "user": "kubelet"}}],
+            "current-context": "kubelet"}))
+        config = self.work_dir / "kubelet.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "failCgroupV1": False, "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{CGROUP_ROOT}",
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            # Reached only from the host, through the veth: the apiserver's log and exec calls need no client cert.
+            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "address": NODE_IP, "readOnlyPort": 0, "failSwapOn": False,
+            "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local", "serializeImagePulls": False}))
+        proc = self._spawn("kubelet", [
+            str(self.cluster.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
+            f"--node-ip={NODE_IP}", f"--hostname-override={NODE_NAME}", f"--root-dir={self.work_dir / 'kubelet'}",
+            "--node-labels=recops.dev/node=real"])
+
+        def ready() -> bool:
+            proc.check_alive()
+            found = self.cluster.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            conditions = json.loads(found.stdout)["status"].get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_until(ready, timeout=self.start_timeout, what=f"node {NODE_NAME} to be Ready", on_timeout=proc.tail)
+        self.startup_seconds["kubelet"] = time.monotonic() - started
+
+    def _spawn(self, name: str, args: list[str], *, in_netns: bool = True) -> _Process:
+        log = self.work_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        prefix = ["nsenter", f"--net=/var/run/netns/{NETNS}"] if in_netns else []
+        # containerd finds its shim on PATH.
+        env = {"PATH": f"{self.node_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        with log.open("ab") as sink:
+            popen = subprocess.Popen([*prefix, *args], stdin=subprocess.DEVNULL, stdout=sink,
+                                     stderr=subprocess.STDOUT, env=env)
+        proc = _Process(name, popen, log)
+        self._processes.append(proc)
+        return proc
+
+
+def _named_netns() -> set[str]:
+    return {path.name for path in Path("/var/run/netns").glob("*")} if Path("/var/run/netns").is_dir() else set()
+
+
+def _rmdir(directory: Path) -> bool:
+    try:
+        directory.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _buildah(*args: str) -> str:
+    done = subprocess.run(["buildah", *args], capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise ClusterError(f"buildah {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout.strip()
+
+
+def build_node_binaries() -> Path:
+    """The node's binaries (containerd, CNI plugins, pause), built once by ``build-node.sh``."""
+    done = subprocess.run(["bash", str(BUILD_NODE_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise ClusterError(f"{BUILD_NODE_SCRIPT} failed (exit {done.returncode})")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _smoke(work_dir: Path, image_archive: Path | None) -> None:
+    """Start a control plane and a real node, run a pod on the node, report timings."""
+    from e2e_tests.localcluster import ensure_binaries
+
+    cluster = LocalCluster(ensure_binaries(), work_dir / "control-plane").start()
+    node = RealNode(cluster, build_node_binaries(), work_dir / "node")
+    try:
+        node.start()
+        print(f"node ready: {node.startup_seconds}", flush=True)
+        image, command = PAUSE_IMAGE, None
+        if image_archive is not None:
+            started = time.monotonic()
+            node.import_image(image_archive)
+            print(f"imported {image_archive.name} in {time.monotonic() - started:.1f}s", flush=True)
+            image, command = "ghcr.io/recops/operator:0.1.0", ["recops", "operator", "--help"]
+        container: dict[str, object] = {"name": "c", "image": image, "imagePullPolicy": "Never"}
+        if command:
+            container["command"] = command
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "smoke", "namespace": "default"},
+               "spec": {"nodeSelector": {"kubernetes.io/hostname": NODE_NAME}, "restartPolicy": "Never",
+                        "containers": [container]}}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        started = time.monotonic()
+        expected = ("Succeeded",) if command else ("Running",)
+        phase = wait_until(
+            lambda: (p := cluster.kubectl.json("get", "pod", "smoke")["status"].get("phase")) in (*expected, "Failed")
+            and p, timeout=120, what="the smoke pod")
+        status = cluster.kubectl.json("get", "pod", "smoke")["status"]
+        print(f"pod {phase} after {time.monotonic() - started:.1f}s, IP {status.get('podIP')}", flush=True)
+        if command:
+            print(cluster.kubectl("logs", "smoke", check=False).stdout[:400])
+        if phase == "Failed":
+            raise SystemExit(1)
+    finally:
+        node.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    if shutil.which("buildah") is None or shutil.which("socat") is None:
+        sys.exit("needs buildah, socat and runc (apt-get install buildah socat runc)")
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/recops-realnode")
+    shutil.rmtree(root, ignore_errors=True)
+    _smoke(root, Path(sys.argv[2]) if len(sys.argv) > 2 else None)
