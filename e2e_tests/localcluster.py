@@ -398,6 +398,8 @@ class LocalCluster:
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
+                # A real node (e2e_tests/realnode.py) is reached at its InternalIP: its hostname resolves nowhere.
+                "--kubelet-preferred-address-types=InternalIP",
             ],
         )
         context = _tls_context(certs / "apiserver.crt", self.ca_file)

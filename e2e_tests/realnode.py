@@ -76,6 +76,7 @@ class RealNode:
             self._containerd()
             self._pause_image()
             self._kubelet()
+            self._kube_proxy()
         except BaseException:
             self.stop()
             raise
@@ -222,7 +223,8 @@ state = "{self.work_dir}/containerd/state"
             "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
             "authorization": {"mode": "AlwaysAllow"},
             "address": NODE_IP, "readOnlyPort": 0, "failSwapOn": False,
-            "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local", "serializeImagePulls": False}))
+            "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local", "serializeImagePulls": False,
+            "podLogsDir": str(self.work_dir / "pod-logs")}))
         proc = self._spawn("kubelet", [
             str(self.cluster.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
             f"--node-ip={NODE_IP}", f"--hostname-override={NODE_NAME}", f"--root-dir={self.work_dir / 'kubelet'}",
@@ -238,6 +240,36 @@ state = "{self.work_dir}/containerd/state"
 
         wait_until(ready, timeout=self.start_timeout, what=f"node {NODE_NAME} to be Ready", on_timeout=proc.tail)
         self.startup_seconds["kubelet"] = time.monotonic() - started
+
+    def _kube_proxy(self) -> None:
+        """Services in iptables mode, inside the node's namespace; ``kubernetes`` points at the forward."""
+        started = time.monotonic()
+        config = self.work_dir / "kube-proxy.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.work_dir / "kubelet.kubeconfig")},
+            "mode": "iptables", "clusterCIDR": POD_CIDR, "hostnameOverride": NODE_NAME,
+            # Zero leaves the conntrack sysctls alone: they are the host's, not the namespace's.
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+        }))
+        proc = self._spawn("kube-proxy", [str(self.cluster.bin_dir / "kube-proxy"), f"--config={config}"])
+        # The apiserver (endpoint reconciler `none`) publishes no endpoints for its own Service.
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default", "labels": {
+                "kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "recops-e2e"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": [HOST_IP], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": APISERVER_PORT, "protocol": "TCP"}]}))
+
+        def programmed() -> bool:
+            proc.check_alive()
+            rules = subprocess.run(["nsenter", f"--net=/var/run/netns/{NETNS}", "iptables-save", "-t", "nat"],
+                                   capture_output=True, text=True, check=False).stdout
+            return f"{HOST_IP}:{APISERVER_PORT}" in rules
+
+        wait_until(programmed, timeout=self.start_timeout, what="kube-proxy's rules for the kubernetes Service",
+                   on_timeout=proc.tail)
+        self.startup_seconds["kube-proxy"] = time.monotonic() - started
 
     def _spawn(self, name: str, args: list[str], *, in_netns: bool = True) -> _Process:
         log = self.work_dir / "logs" / f"{name}.log"
@@ -294,7 +326,10 @@ def _smoke(work_dir: Path, image_archive: Path | None) -> None:
             started = time.monotonic()
             node.import_image(image_archive)
             print(f"imported {image_archive.name} in {time.monotonic() - started:.1f}s", flush=True)
-            image, command = "ghcr.io/recops/operator:0.1.0", ["recops", "operator", "--help"]
+            # The pod reaches the apiserver as every in-cluster client does: the kubernetes Service, by TLS.
+            image, command = "ghcr.io/recops/operator:0.1.0", ["python", "-c", (
+                "from kubernetes import client, config; config.load_incluster_config(); "
+                "print('apiserver', client.VersionApi().get_code().git_version)")]
         container: dict[str, object] = {"name": "c", "image": image, "imagePullPolicy": "Never"}
         if command:
             container["command"] = command
@@ -313,9 +348,29 @@ def _smoke(work_dir: Path, image_archive: Path | None) -> None:
             print(cluster.kubectl("logs", "smoke", check=False).stdout[:400])
         if phase == "Failed":
             raise SystemExit(1)
+        if image_archive is not None:
+            _helm_operator(cluster)
     finally:
         node.stop()
         cluster.stop()
+
+
+def _helm_operator(cluster: LocalCluster) -> None:
+    """The README's ``helm install``, its operator pinned to the real node: the Deployment turns Available."""
+    started = time.monotonic()
+    helm = [str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}"]
+    subprocess.run([*helm, "install", "recops", str(HERE.parent / "helm" / "recops"), "--namespace", "recops-system",
+                    "--create-namespace", "--set", "operator.nodeSelector.recops\\.dev/node=real"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", "recops-system", "--timeout=180s",
+                           check=False, timeout=200)
+    pods = cluster.kubectl("get", "pods", "-n", "recops-system", "-o", "wide", check=False).stdout
+    outcome = done.stdout.strip() or done.stderr.strip()
+    print(f"helm install -> {outcome} after {time.monotonic() - started:.1f}s\n{pods}")
+    if done.returncode != 0:
+        print(cluster.kubectl("logs", "-n", "recops-system", "deployment/recops", "--tail=30", check=False).stdout)
+        print(cluster.kubectl("describe", "pods", "-n", "recops-system", check=False).stdout[-2500:])
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
