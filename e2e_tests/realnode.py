@@ -45,6 +45,7 @@ APISERVER_PORT = 6443
 CGROUP_ROOT = "recops-node"
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd")
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 NODE_NAME = "real-node-0"
 
 
@@ -77,6 +78,7 @@ class RealNode:
             self._pause_image()
             self._kubelet()
             self._kube_proxy()
+            self._cluster_dns()
         except BaseException:
             self.stop()
             raise
@@ -271,6 +273,26 @@ state = "{self.work_dir}/containerd/state"
                    on_timeout=proc.tail)
         self.startup_seconds["kube-proxy"] = time.monotonic() - started
 
+    def _cluster_dns(self) -> None:
+        """CoreDNS (kubernetes plugin only: nothing is forwarded upstream) at 10.96.0.10, on the real node."""
+        started = time.monotonic()
+        archive = self.work_dir / "coredns.oci.tar"
+        container = _buildah("from", "scratch")
+        try:
+            _buildah("copy", container, str(self.node_bin / "coredns"), "/coredns")
+            _buildah("config", "--entrypoint", '["/coredns"]', container)
+            _buildah("commit", "-q", container, COREDNS_IMAGE)
+        finally:
+            _buildah("rm", container)
+        _buildah("push", "-q", COREDNS_IMAGE, f"oci-archive:{archive}:{COREDNS_IMAGE}")
+        self.import_image(archive)
+        self.cluster.kubectl("apply", "-f", str(HERE / "cluster" / "coredns.yaml"))
+        done = self.cluster.kubectl("rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=90s",
+                                    check=False, timeout=100)
+        if done.returncode != 0:
+            raise ClusterError(f"CoreDNS did not become ready:\n{done.stdout}{done.stderr}")
+        self.startup_seconds["dns"] = time.monotonic() - started
+
     def _spawn(self, name: str, args: list[str], *, in_netns: bool = True) -> _Process:
         log = self.work_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +351,7 @@ def _smoke(work_dir: Path, image_archive: Path | None) -> None:
             # The pod reaches the apiserver as every in-cluster client does: the kubernetes Service, by TLS.
             image, command = "ghcr.io/recops/operator:0.1.0", ["python", "-c", (
                 "from kubernetes import client, config; config.load_incluster_config(); "
+                "import socket; print('kubernetes.default ->', socket.gethostbyname('kubernetes.default')); "
                 "print('apiserver', client.VersionApi().get_code().git_version)")]
         container: dict[str, object] = {"name": "c", "image": image, "imagePullPolicy": "Never"}
         if command:

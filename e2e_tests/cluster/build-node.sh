@@ -8,21 +8,23 @@
 #   containerd, containerd-shim-runc-v2, ctr   github.com/containerd/containerd/v2 (kubelet >= 1.36 needs 2.x)
 #   bridge, host-local, loopback, portmap      github.com/containernetworking/plugins (CNI)
 #   pause                                      a 15-line Go program (pause.go): the pods' sandbox image
+#   coredns                                    github.com/coredns/coredns with the cluster-DNS plugins only (coredns.go)
 # runc is Debian's (apt-get install runc): a cgo build, and Debian's 1.1.5 runs the pods here.
 # Binaries go to ${RECOPS_CLUSTER_CACHE:-$HOME/.cache/recops/cluster}/<key>/bin; a warm run needs no Go.
 set -euo pipefail
 
 CONTAINERD_VERSION=v2.4.2
 CNI_PLUGINS_VERSION=v1.10.0
+COREDNS_VERSION=v1.15.0
 BUILD_REV=1
 GO_LINE=1.26.0
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE_ROOT="${RECOPS_CLUSTER_CACHE:-${HOME:?HOME is not set}/.cache/recops/cluster}"
-KEY="node_containerd-${CONTAINERD_VERSION}_cni-${CNI_PLUGINS_VERSION}_r${BUILD_REV}"
+KEY="node_containerd-${CONTAINERD_VERSION}_cni-${CNI_PLUGINS_VERSION}_coredns-${COREDNS_VERSION}_r${BUILD_REV}"
 BIN_DIR="$CACHE_ROOT/$KEY/bin"
 SRC_DIR="$CACHE_ROOT/src"
-BINARIES=(containerd containerd-shim-runc-v2 ctr bridge host-local loopback portmap pause)
+BINARIES=(containerd containerd-shim-runc-v2 ctr bridge host-local loopback portmap pause coredns)
 
 have() {
   local binary
@@ -76,6 +78,17 @@ mkdir -p "$SRC_DIR/pause"
 cp "$HERE/pause.go" "$SRC_DIR/pause/main.go"
 printf 'module recops.local/cluster-build/pause\n\ngo %s\n' "$GO_LINE" >"$SRC_DIR/pause/go.mod"
 (cd "$SRC_DIR/pause" && go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/pause" .) || die "building pause failed"
+
+# CoreDNS's own main imports every plugin (cloud SDKs included); ours imports five.
+mkdir -p "$SRC_DIR/coredns"
+cp "$HERE/coredns.go" "$SRC_DIR/coredns/main.go"
+printf 'module recops.local/cluster-build/coredns\n\ngo %s\n' "$GO_LINE" >"$SRC_DIR/coredns/go.mod"
+log "fetching and building coredns ..."
+(
+  cd "$SRC_DIR/coredns"
+  go get "github.com/coredns/coredns@$COREDNS_VERSION" >&2 && go mod tidy >&2 &&
+    go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/coredns" . >&2
+) || die "building coredns failed (see above)"
 
 have || die "some binaries are still missing from $BIN_DIR"
 log "node binaries ready in $BIN_DIR"
