@@ -16,8 +16,9 @@ $(BIN)/recops: pyproject.toml
 install: $(BIN)/recops
 
 # Real Prometheus (gate tests), wrk (serving benchmark) and openssl (the local control plane's keys) come
-# from Debian; installed when missing.
-SYSTEM_TOOLS := prometheus wrk openssl
+# from Debian; so do what the real node (e2e_tests/realnode.py) and the local image build need: buildah,
+# mmdebstrap, runc, socat, iptables and conntrack (kube-proxy). Installed when missing.
+SYSTEM_TOOLS := prometheus wrk openssl buildah mmdebstrap runc socat iptables conntrack
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -98,10 +99,12 @@ images:
 	    --tag $(REGISTRY)/$$name:$(VERSION) --file $$folder/Dockerfile --push . ; \
 	done
 
-## The operator image built on this machine, no Docker engine or registry: a Debian base (mmdebstrap) and
+## The three images built on this machine, no Docker engine or registry: a Debian base (mmdebstrap) and
 ## buildah, root only; OCI archives in ~/.cache/recops/images (see images/build-local.sh).
+## IMAGES_LOCAL=operator builds only that one.
+IMAGES_LOCAL ?= operator trainer triton
 images-local:
-	images/build-local.sh operator
+	images/build-local.sh $(IMAGES_LOCAL)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache kernels/build

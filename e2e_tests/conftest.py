@@ -13,58 +13,40 @@ as CI sets it, so that a missing toolchain never passes unnoticed there.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
 from e2e_tests.ab import stack  # noqa: F401  (fixtures of the recops tests)
 from e2e_tests.localcluster import ClusterAccess, ClusterError, Kubectl, LocalCluster, ensure_binaries
+from e2e_tests.prerequisites import unavailable, uncaptured
+from e2e_tests.realnode_fixtures import node_images, real_namespace, real_node  # noqa: F401
 from e2e_tests.recops_fixtures import apply_crds, artifacts, operator  # noqa: F401
-
-
-@contextlib.contextmanager
-def _uncaptured(config: pytest.Config) -> Iterator[None]:
-    """Let output through pytest's capture: a cold build's progress must be seen as it happens."""
-    capture = config.pluginmanager.getplugin("capturemanager")
-    if capture is None:
-        yield
-        return
-    with capture.global_and_fixture_disabled():
-        yield
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Skip for want of a cluster, or fail where one is required (CI)."""
-    if os.environ.get("RECOPS_REQUIRE_CLUSTER") == "1":
-        pytest.fail(f"RECOPS_REQUIRE_CLUSTER=1 but there is no cluster: {reason}", pytrace=False)
-    pytest.skip(f"no Kubernetes cluster: {reason}")
 
 
 def _external_cluster(kubeconfig_env: str, config: pytest.Config) -> ClusterAccess:
     if os.pathsep in kubeconfig_env:
-        _unavailable(f"KUBECONFIG lists several files ({kubeconfig_env}); set RECOPS_E2E_KUBECONFIG to one")
+        unavailable(f"KUBECONFIG lists several files ({kubeconfig_env}); set RECOPS_E2E_KUBECONFIG to one")
     kubeconfig = Path(kubeconfig_env).expanduser()
     if not kubeconfig.is_file():
-        _unavailable(f"the kubeconfig {kubeconfig} does not exist")
+        unavailable(f"the kubeconfig {kubeconfig} does not exist")
     kubectl = shutil.which("kubectl")
     bin_dir: Path | None = None
     if kubectl is None:
         # No kubectl on this machine: the local build provides one (instantly once cached).
         problem = ""
         try:
-            with _uncaptured(config):
+            with uncaptured(config):
                 bin_dir = ensure_binaries()
         except ClusterError as exc:
             problem = str(exc)
         if problem or bin_dir is None:
-            _unavailable(f"kubectl is not on PATH and building it failed: {problem}")
+            unavailable(f"kubectl is not on PATH and building it failed: {problem}")
         kubectl = str(bin_dir / "kubectl")
     return ClusterAccess(kubeconfig=kubeconfig, kubectl=Kubectl(kubeconfig, kubectl), bin_dir=bin_dir)
 
@@ -81,12 +63,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     # chain the ClusterError's traceback: its message says all there is.
     problem = ""
     try:
-        with _uncaptured(request.config):
+        with uncaptured(request.config):
             bin_dir = ensure_binaries()
     except ClusterError as exc:
         problem = str(exc)
     if problem:
-        _unavailable(
+        unavailable(
             "building the local control plane failed; it needs Go >= 1.26 on PATH and the Go module proxy "
             f"(or set KUBECONFIG to a cluster):\n{problem}"
         )
@@ -100,7 +82,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         # The binaries are there, so a cluster that does not come up is a bug, not a missing tool.
         pytest.fail(f"the local cluster did not start (logs in {local.work_dir / 'logs'}):\n{problem}", pytrace=False)
     timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in local.startup_seconds.items())
-    with _uncaptured(request.config):
+    with uncaptured(request.config):
         print(f"\nlocal cluster at {local.server} ready ({timings}); work dir {local.work_dir}", file=sys.stderr)
     try:
         yield ClusterAccess(kubeconfig=local.kubeconfig, kubectl=local.kubectl, bin_dir=bin_dir, local=local)

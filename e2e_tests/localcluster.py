@@ -397,6 +397,8 @@ class LocalCluster:
                 f"--service-account-signing-key-file={sa_key}",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
+                # Namespaces of the real-node tests send their pods there (e2e_tests/realnode.py).
+                "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
                 "--allow-privileged=true",
                 # A real node (e2e_tests/realnode.py) is reached at its InternalIP: its hostname resolves nowhere.
                 "--kubelet-preferred-address-types=InternalIP",

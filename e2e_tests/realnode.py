@@ -1,6 +1,7 @@
 """A real Kubernetes node beside kwok's fake one: kubelet + containerd 2.x + runc + CNI, in a network namespace.
 
-Work in progress for issue 13 (no test uses it yet; ``python -m e2e_tests.realnode`` runs its smoke check).
+The ``real_node`` tests start it (``e2e_tests/realnode_fixtures.py``); ``python -m e2e_tests.realnode DIR
+[ARCHIVE...]`` starts a control plane with one, the archives imported, to poke at with kubectl.
 What it does, and why, each step a method of :class:`RealNode`:
 
 1. ``_network``: a network namespace ``recops-node`` and a veth pair, host 10.250.0.1 / node 10.250.0.2.
@@ -47,6 +48,16 @@ CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 NODE_NAME = "real-node-0"
+# The real node is tainted, so that the kwok tests' pods (whose images it does not have) stay off it; the
+# real-node tests' namespaces carry the annotations below (the apiserver's PodNodeSelector and
+# PodTolerationRestriction admission plugins), so that every pod in them lands on it.
+NODE_LABEL = "recops.dev/node=real"
+NODE_TAINT = "recops.dev/real-node"
+NAMESPACE_ANNOTATIONS = {
+    "scheduler.alpha.kubernetes.io/node-selector": NODE_LABEL,
+    "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
+        [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]),
+}
 
 
 @dataclass
@@ -194,16 +205,7 @@ state = "{self.work_dir}/containerd/state"
 
     def _pause_image(self) -> None:
         """The sandbox image, from the pause binary alone (no registry to pull it from)."""
-        archive = self.work_dir / "pause.oci.tar"
-        container = _buildah("from", "scratch")
-        try:
-            _buildah("copy", container, str(self.node_bin / "pause"), "/pause")
-            _buildah("config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container)
-            _buildah("commit", "-q", container, PAUSE_IMAGE)
-        finally:
-            _buildah("rm", container)
-        _buildah("push", "-q", PAUSE_IMAGE, f"oci-archive:{archive}:{PAUSE_IMAGE}")
-        self.import_image(archive)
+        self.import_image(self._binary_image("pause", PAUSE_IMAGE, "--user", "65535:65535"))
 
     def _kubelet(self) -> None:
         started = time.monotonic()
@@ -230,7 +232,7 @@ state = "{self.work_dir}/containerd/state"
         proc = self._spawn("kubelet", [
             str(self.cluster.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
             f"--node-ip={NODE_IP}", f"--hostname-override={NODE_NAME}", f"--root-dir={self.work_dir / 'kubelet'}",
-            "--node-labels=recops.dev/node=real"])
+            f"--node-labels={NODE_LABEL}", f"--register-with-taints={NODE_TAINT}=true:NoSchedule"])
 
         def ready() -> bool:
             proc.check_alive()
@@ -276,22 +278,31 @@ state = "{self.work_dir}/containerd/state"
     def _cluster_dns(self) -> None:
         """CoreDNS (kubernetes plugin only: nothing is forwarded upstream) at 10.96.0.10, on the real node."""
         started = time.monotonic()
-        archive = self.work_dir / "coredns.oci.tar"
-        container = _buildah("from", "scratch")
-        try:
-            _buildah("copy", container, str(self.node_bin / "coredns"), "/coredns")
-            _buildah("config", "--entrypoint", '["/coredns"]', container)
-            _buildah("commit", "-q", container, COREDNS_IMAGE)
-        finally:
-            _buildah("rm", container)
-        _buildah("push", "-q", COREDNS_IMAGE, f"oci-archive:{archive}:{COREDNS_IMAGE}")
-        self.import_image(archive)
+        self.import_image(self._binary_image("coredns", COREDNS_IMAGE))
         self.cluster.kubectl("apply", "-f", str(HERE / "cluster" / "coredns.yaml"))
         done = self.cluster.kubectl("rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=90s",
                                     check=False, timeout=100)
         if done.returncode != 0:
             raise ClusterError(f"CoreDNS did not become ready:\n{done.stdout}{done.stderr}")
         self.startup_seconds["dns"] = time.monotonic() - started
+
+    def _binary_image(self, binary: str, ref: str, *config: str) -> Path:
+        """An image of one static binary from ``build-node.sh``, built once beside it as an OCI archive."""
+        archive = self.node_bin / f"{binary}.oci.tar"
+        if archive.exists():
+            return archive
+        container = _buildah("from", "scratch")
+        try:
+            _buildah("copy", container, str(self.node_bin / binary), f"/{binary}")
+            _buildah("config", "--entrypoint", json.dumps([f"/{binary}"]), *config, container)
+            _buildah("commit", "-q", "--rm", container, ref)
+        except BaseException:
+            _buildah("rm", container)
+            raise
+        partial = archive.with_suffix(".partial")
+        _buildah("push", "-q", ref, f"oci-archive:{partial}:{ref}")
+        partial.rename(archive)
+        return archive
 
     def _spawn(self, name: str, args: list[str], *, in_netns: bool = True) -> _Process:
         log = self.work_dir / "logs" / f"{name}.log"
@@ -334,71 +345,30 @@ def build_node_binaries() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def _smoke(work_dir: Path, image_archive: Path | None) -> None:
-    """Start a control plane and a real node, run a pod on the node, report timings."""
+def _main(work_dir: Path, archives: list[Path]) -> None:
+    """A control plane with a real node to poke at, its images imported; Ctrl-C stops it."""
     from e2e_tests.localcluster import ensure_binaries
 
     cluster = LocalCluster(ensure_binaries(), work_dir / "control-plane").start()
     node = RealNode(cluster, build_node_binaries(), work_dir / "node")
     try:
         node.start()
-        print(f"node ready: {node.startup_seconds}", flush=True)
-        image, command = PAUSE_IMAGE, None
-        if image_archive is not None:
-            started = time.monotonic()
-            node.import_image(image_archive)
-            print(f"imported {image_archive.name} in {time.monotonic() - started:.1f}s", flush=True)
-            # The pod reaches the apiserver as every in-cluster client does: the kubernetes Service, by TLS.
-            image, command = "ghcr.io/recops/operator:0.1.0", ["python", "-c", (
-                "from kubernetes import client, config; config.load_incluster_config(); "
-                "import socket; print('kubernetes.default ->', socket.gethostbyname('kubernetes.default')); "
-                "print('apiserver', client.VersionApi().get_code().git_version)")]
-        container: dict[str, object] = {"name": "c", "image": image, "imagePullPolicy": "Never"}
-        if command:
-            container["command"] = command
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "smoke", "namespace": "default"},
-               "spec": {"nodeSelector": {"kubernetes.io/hostname": NODE_NAME}, "restartPolicy": "Never",
-                        "containers": [container]}}
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
-        started = time.monotonic()
-        expected = ("Succeeded",) if command else ("Running",)
-        phase = wait_until(
-            lambda: (p := cluster.kubectl.json("get", "pod", "smoke")["status"].get("phase")) in (*expected, "Failed")
-            and p, timeout=120, what="the smoke pod")
-        status = cluster.kubectl.json("get", "pod", "smoke")["status"]
-        print(f"pod {phase} after {time.monotonic() - started:.1f}s, IP {status.get('podIP')}", flush=True)
-        if command:
-            print(cluster.kubectl("logs", "smoke", check=False).stdout[:400])
-        if phase == "Failed":
-            raise SystemExit(1)
-        if image_archive is not None:
-            _helm_operator(cluster)
+        for archive in archives:
+            node.import_image(archive)
+        print(f"node ready {node.startup_seconds}\nexport KUBECONFIG={cluster.kubeconfig}  # Ctrl-C stops it",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
         node.stop()
         cluster.stop()
 
 
-def _helm_operator(cluster: LocalCluster) -> None:
-    """The README's ``helm install``, its operator pinned to the real node: the Deployment turns Available."""
-    started = time.monotonic()
-    helm = [str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}"]
-    subprocess.run([*helm, "install", "recops", str(HERE.parent / "helm" / "recops"), "--namespace", "recops-system",
-                    "--create-namespace", "--set", "operator.nodeSelector.recops\\.dev/node=real"],
-                   check=True, capture_output=True, text=True, timeout=120)
-    done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", "recops-system", "--timeout=180s",
-                           check=False, timeout=200)
-    pods = cluster.kubectl("get", "pods", "-n", "recops-system", "-o", "wide", check=False).stdout
-    outcome = done.stdout.strip() or done.stderr.strip()
-    print(f"helm install -> {outcome} after {time.monotonic() - started:.1f}s\n{pods}")
-    if done.returncode != 0:
-        print(cluster.kubectl("logs", "-n", "recops-system", "deployment/recops", "--tail=30", check=False).stdout)
-        print(cluster.kubectl("describe", "pods", "-n", "recops-system", check=False).stdout[-2500:])
-        raise SystemExit(1)
-
-
 if __name__ == "__main__":
     if shutil.which("buildah") is None or shutil.which("socat") is None:
-        sys.exit("needs buildah, socat and runc (apt-get install buildah socat runc)")
+        sys.exit("needs buildah, socat and runc (make system-deps)")
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/recops-realnode")
     shutil.rmtree(root, ignore_errors=True)
-    _smoke(root, Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    _main(root, [Path(a) for a in sys.argv[2:]])
