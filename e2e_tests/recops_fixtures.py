@@ -119,9 +119,9 @@ def apply_crds(cluster: ClusterAccess) -> None:
             cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
 
 
-@pytest.fixture
-def artifacts(cluster: ClusterAccess, namespace: str, tmp_path: Path) -> Iterator[str]:
-    """The ``recops-artifacts`` claim the operator's pods mount, bound to a hostPath volume."""
+def bind_artifact_claim(cluster: ClusterAccess, namespace: str, folder: Path) -> str:
+    """The ``recops-artifacts`` claim of ``namespace``, bound to a hostPath volume on ``folder``; returns the
+    volume's name (the caller deletes it)."""
     volume = f"{namespace}-artifacts"
     manifests = [
         {
@@ -132,7 +132,7 @@ def artifacts(cluster: ClusterAccess, namespace: str, tmp_path: Path) -> Iterato
                 "capacity": {"storage": "1Gi"},
                 "accessModes": ["ReadWriteMany"],
                 "storageClassName": volume,
-                "hostPath": {"path": str(tmp_path / "artifacts")},
+                "hostPath": {"path": str(folder)},
                 "persistentVolumeReclaimPolicy": "Delete",
             },
         },
@@ -155,6 +155,13 @@ def artifacts(cluster: ClusterAccess, namespace: str, tmp_path: Path) -> Iterato
         "the artifact claim to be bound",
         timeout=60,
     )
+    return volume
+
+
+@pytest.fixture
+def artifacts(cluster: ClusterAccess, namespace: str, tmp_path: Path) -> Iterator[str]:
+    """The ``recops-artifacts`` claim the operator's pods mount, bound to a hostPath volume."""
+    volume = bind_artifact_claim(cluster, namespace, tmp_path / "artifacts")
     yield "recops-artifacts"
     cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
 
