@@ -4,16 +4,28 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
+# The one set of versions: every package recops and its extras need, pinned for Linux x86_64 and Python 3.11.
+# CI (make install, hence make demo and make test) and the three images install with it as a pip constraints
+# file, each only the extras it needs; tests/test_lock.py checks it against pyproject.toml and this venv.
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
 
-.PHONY: install system-deps cuda-toolchain kernels kafka demo test lint images images-local clean
+.PHONY: install lock system-deps cuda-toolchain kernels kafka demo test lint images images-local clean
 
-$(BIN)/recops: pyproject.toml
+$(BIN)/recops: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,serve,operator,dev]'
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) -e '.[train,serve,operator,dev]'
 	touch $@
 
 install: $(BIN)/recops
+
+## Regenerates requirements.lock from pyproject.toml (all extras) with uv: run it after changing a
+## dependency. Versions already pinned stay where they still fit; UPGRADE=1 moves every package to its newest.
+lock: | $(BIN)/recops
+	@$(BIN)/uv --version 2>/dev/null | grep -qx 'uv $(UV_VERSION).*' || $(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --all-extras --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+	  --annotation-style line --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) --output-file $(LOCK)
 
 # Real Prometheus (gate tests), wrk (serving benchmark) and openssl (the local control plane's keys) come
 # from Debian; so do what the real node (e2e_tests/realnode.py) and the local image build need: buildah,
