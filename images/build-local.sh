@@ -4,15 +4,21 @@
 # name (so they build unchanged), then each Dockerfile built with `buildah bud` and exported as an OCI
 # archive (e.g. for `ctr -n k8s.io images import`).
 #
-#   images/build-local.sh operator [trainer triton]
+#   images/build-local.sh [operator] [trainer] [triton]      (none named: all three)
 #
 # Everything lands in ${RECOPS_IMAGE_CACHE:-$HOME/.cache/recops/images}:
 #   base-<key>.tar          the Debian rootfs; <key> = hash of packages + suite + options + BUILD_REV
-#   <name>-<hash>.oci.tar   an image; <hash> = its Dockerfile, pyproject.toml, README.md, src/ (and kernels/), base key
+#   <name>-<hash>.oci.tar   an image; <hash> = its Dockerfile, .dockerignore, requirements.lock, pyproject.toml,
+#                           README.md, images/requirements.py, src/, kernels/, the build args, the base key
 # An archive that exists is not rebuilt. The archive paths are printed on stdout (last lines); progress
 # and timings go to stderr. Needs root, buildah and mmdebstrap (Debian: apt-get install buildah mmdebstrap).
 #
-# Only `operator` is expected to build on a CPU machine today; trainer/triton need torch and a GPU base.
+# All three build on a CPU machine: they start from the same Python base and install torch (its CUDA build,
+# which runs on CPU too) and Triton (nvidia-pytriton) from PyPI at the lock's versions. buildah's layer cache
+# (--layers) keeps the dependency layers: a source change rebuilds the last layers only, and the trainer and
+# Triton images share their torch layer (same instructions on the same base). The torch images are ~7 GB
+# unpacked: expect a cold build of ~10 min each on 2 cores, most of it pip and layer commits.
+# BUILD_ARGS="WITH_KERNELS=1 ..." passes --build-arg's to every image (and enters the hash).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,8 +32,9 @@ BUILD_REV=1
 UPSTREAM_BASE=docker.io/library/python:3.11.14-slim-bookworm
 # What the Dockerfiles use from the official image: python (python-is-python3), `python -m venv` (which
 # brings pip: python3-venv), TLS roots for pip (ca-certificates), /etc/services and /etc/protocols
-# (netbase). groupadd/useradd (passwd) and getent (libc-bin) are in minbase already.
-BASE_PACKAGES=(python3 python3-venv python-is-python3 ca-certificates netbase)
+# (netbase), libpython3.11.so.1.0 (the official Python is built --enable-shared; Triton's python backend
+# stub links it). groupadd/useradd (passwd) and getent (libc-bin) are in minbase already.
+BASE_PACKAGES=(python3 python3-venv python-is-python3 libpython3.11 ca-certificates netbase)
 # Like the official slim images: no man pages, docs (copyright files kept), info or translations.
 DPKG_OPTS=(
   'path-exclude=/usr/share/man/*'
@@ -110,8 +117,9 @@ image_hash() {
   local folder=$1
   (
     cd "$REPO"
-    echo "base=$BASE_KEY version=$VERSION"
-    find "$folder/Dockerfile" .dockerignore pyproject.toml README.md src $([[ -d kernels ]] && echo kernels) \
+    echo "base=$BASE_KEY version=$VERSION build-args=${BUILD_ARGS:-}"
+    find "$folder/Dockerfile" .dockerignore requirements.lock pyproject.toml README.md images/requirements.py src \
+      $([[ -d kernels ]] && echo kernels) \
       -type f ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -name '*.so' ! -path '*.egg-info/*' \
       ! -path '*/build/*' ! -path '*/dist/*' ! -path '*/.pytest_cache/*' ! -path '*/.ruff_cache/*' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum
@@ -120,7 +128,7 @@ image_hash() {
 
 # c. + d. Build one image from the repository's Dockerfile and export it as an OCI archive.
 build_image() {
-  local name=$1 folder=${FOLDERS[$1]} ref hash archive start
+  local name=$1 folder=${FOLDERS[$1]} ref hash archive start arg build_args=()
   ref=$REGISTRY/$name:$VERSION
   hash=$(image_hash "$folder")
   archive=$CACHE/$name-$hash.oci.tar
@@ -139,7 +147,8 @@ build_image() {
   log "$name: buildah bud -f $folder/Dockerfile -t $ref (context $REPO)"
   # The host's CA bundle is bind-mounted for the RUN steps only (pip behind a TLS-intercepting proxy
   # needs the proxy's CA); it does not end up in the image.
-  buildah bud --isolation chroot --layers --build-arg "VERSION=$VERSION" \
+  for arg in ${BUILD_ARGS:-}; do build_args+=(--build-arg "$arg"); done
+  buildah bud --isolation chroot --layers --build-arg "VERSION=$VERSION" "${build_args[@]}" \
     -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
     -f "$REPO/$folder/Dockerfile" -t "$ref" "$REPO" >&2
   buildah tag "$ref" "localhost/recops/$name:$hash"
@@ -153,8 +162,8 @@ build_image() {
 }
 
 main() {
-  [[ $# -gt 0 ]] || die "usage: $0 operator [trainer triton]"
   local name total
+  [[ $# -gt 0 ]] || set -- operator trainer triton
   for name in "$@"; do [[ -n ${FOLDERS[$name]:-} ]] || die "unknown image $name (operator, trainer, triton)"; done
   total=$(now)
   check_tools

@@ -148,12 +148,14 @@ def environment(stages: list[Stage]) -> dict[str, str]:
     return env
 
 
-def arg_default(stages: list[Stage], name: str) -> str:
+def arg_default(stages: list[Stage], name: str, fallback: str | None = None) -> str:
     for stage in stages:
         for value in stage.values("ARG"):
             key, _, default = value.partition("=")
             if key == name and default:
                 return default
+    if fallback is not None:
+        return fallback
     raise AssertionError(f"no ARG {name} with a default")
 
 
@@ -251,49 +253,84 @@ def test_the_router_and_operator_run_recops_from_the_operator_image():
     assert exec_form(last_value(stages, "CMD")) == ["operator"]
 
 
+VENV_SITE = "/opt/recops/venv/lib/python3.11/site-packages"
+
+
+def image_python(stages: list[Stage]) -> str:
+    """The Python of an image: the official image's tag (python:3.11.14-slim-bookworm -> 3.11)."""
+    repository, _, tag = stages[0].image.rpartition(":")
+    assert repository.endswith("python"), stages[0].image
+    return ".".join(tag.split("-")[0].split(".")[:2])
+
+
 def test_the_triton_pods_find_recops_and_tritonserver_in_the_triton_image():
     stages = read_dockerfile(DOCKERFILES["triton"])
     export, triton = triton_containers()
     assert export["image"] == triton["image"] == SETTINGS.triton_image
     assert export["command"] == ["recops"]
     venv = "/opt/recops/venv"
-    assert environment(stages)["PATH"].split(":")[0] == f"{venv}/bin", "recops must be first on PATH"
+    path = environment(stages)["PATH"].split(":")
+    assert path[0] == f"{venv}/bin", "recops (and the stub's python3) must be first on PATH"
     assert f"-m venv {venv}" in run_text(stages)
-    # NGC's image has tritonserver on PATH; a plain `docker run` runs what the main container runs.
+    # tritonserver on PATH (NGC's place for it), a link to the wheel's binary; a plain `docker run` runs
+    # what the main container runs.
+    assert "/opt/tritonserver/bin" in path
+    assert re.search(rf"ln -s {VENV_SITE}/pytriton/tritonserver/bin/tritonserver\s+/opt/tritonserver/bin/tritonserver",
+                     run_text(stages))
     assert exec_form(last_value(stages, "CMD")) == triton["command"] + triton["args"]
     assert triton["command"] == ["tritonserver"]
+    # The wheel's libraries on the loader path, as recops.serving.triton_server sets it in CI.
+    from recops.serving.triton_server import find_triton
+
+    libraries = environment(stages)["LD_LIBRARY_PATH"]
+    assert libraries.startswith(f"{VENV_SITE}/")
+    assert Path(sysconfig.get_paths()["purelib"], libraries.removeprefix(f"{VENV_SITE}/")).resolve() == \
+        find_triton().libraries.resolve()
 
 
-def test_the_triton_image_links_the_python_backend_stub_of_its_python():
+def test_the_triton_image_links_the_python_backend_and_the_stub_of_its_python():
     stages = read_dockerfile(DOCKERFILES["triton"])
-    python = ".".join(arg_default(stages, "PYTHON_VERSION").split(".")[:2])
-    link = re.search(r"/opt/recops/venv/lib/python([\d.]+)/site-packages/(\S+/triton_python_backend_stub)",
-                     run_text(stages))
-    assert link, "the Triton image must replace the python backend stub"
+    python = image_python(stages)
+    text = run_text(stages)
+    link = re.search(r"/opt/recops/venv/lib/python([\d.]+)/site-packages/(\S+/triton_python_backend_stub)", text)
+    assert link, "the Triton image must link the python backend stub of its Python"
     assert link[1] == python and f"python_backend_stubs/{python}/" in link[2]
-    # The same path exists in the nvidia-pytriton wheel CI serves with.
-    assert (Path(sysconfig.get_paths()["purelib"]) / link[2]).is_file()
-    assert "/opt/tritonserver/backends/python/triton_python_backend_stub" in run_text(stages)
+    # The same paths exist in the nvidia-pytriton wheel CI serves with.
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    assert (purelib / link[2]).is_file()
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        source = f"pytriton/tritonserver/backends/python/{name}"
+        assert f"{VENV_SITE}/{source}" in text and (purelib / source).is_file(), name
+    # Triton's default --backend-directory: the manifest's command line names none.
+    assert "/opt/tritonserver/backends/python/triton_python_backend_stub" in text
+    assert not any("--backend-directory" in arg for arg in triton_containers()[1]["args"])
 
 
-# NVIDIA's release notes: the Triton of each NGC release; CI serves with the nvidia-pytriton wheel's Triton.
-NGC_TRITON = {"24.10": "2.51.0"}
+# The Triton server of each nvidia-pytriton release (its release notes); the image and CI serve with the
+# wheel the lock pins.
+PYTRITON_TRITON = {"0.7.0": "2.51.0"}
 
 
 def triton_release() -> str:
-    stages = read_dockerfile(DOCKERFILES["triton"])
-    image = next(stage.image for stage in stages if stage.image.startswith("nvcr.io/nvidia/tritonserver:"))
-    return image.split(":")[1].removesuffix("-py3")
+    """The lock's nvidia-pytriton version."""
+    lock = (REPO / "requirements.lock").read_text()
+    return re.search(r"^nvidia-pytriton==(\S+)", lock, re.M)[1]
 
 
-def test_the_images_share_one_torch_and_cuda():
+def test_the_trainer_and_triton_images_share_their_torch_layer():
+    """Same base, same instructions up to and including torch's install (from the lock): a layer cache
+    builds that ~5 GB layer once for both images."""
     trainer, triton = (read_dockerfile(DOCKERFILES[name]) for name in ("trainer", "triton"))
-    torch_version = arg_default(triton, "TORCH_VERSION")  # the Triton image's PyPI torch: built for CUDA 12.6
-    pytorch_images = [stage.image for stage in [*trainer, *triton] if stage.image.startswith("pytorch/pytorch:")]
-    assert len(pytorch_images) == 3  # the trainer's two stages, the kernels' builder
-    for image in pytorch_images:
-        assert image.split(":")[1].startswith(f"{torch_version}-cuda12.6-"), image
-    assert triton_release() == "24.10"  # CUDA 12.6.2
+    assert trainer[0].image == triton[0].image == read_dockerfile(DOCKERFILES["operator"])[0].image
+    assert trainer[0].image.startswith("python:3.11.")
+    assert trainer[0].instructions == triton[0].instructions
+    installs = [value for key, value in trainer[0].instructions if key == "RUN" and "pip install" in value]
+    assert len(installs) == 1 and "torch==" in installs[0] and "--constraint /opt/recops/requirements.lock" in \
+        installs[0]
+    assert trainer[0].instructions[-1] == ("RUN", installs[0])  # the shared part ends with torch
+    for stages in (trainer, triton):  # no CUDA base images: the CUDA runtime comes in PyPI's wheels
+        assert all(not stage.image.startswith(("pytorch/", "nvcr.io/")) for stage in stages)
+    assert triton_release() in PYTRITON_TRITON
 
 
 # What each image's commands import: the entry modules, and what those import lazily (inside functions).
@@ -305,8 +342,6 @@ IMPORTS = {
     "triton": ["recops.cli", "recops.serving.repository", "tritonclient.grpc", *(
         f"recops.serving.triton_models.{step}" for step in ("preprocess", "ranker", "postprocess"))],
 }
-# Python packages a base image brings (the trainer keeps the PyTorch image's CUDA torch).
-BASE_PACKAGES = {"trainer": ["torch"], "operator": [], "triton": []}
 # Imports a command's modules here, with the modules of every distribution the image would not install
 # made unimportable (and their metadata unfindable): a library's optional import behaves as in the image.
 IMPORT_PROBE = """
@@ -370,9 +405,11 @@ def test_each_image_installs_what_its_commands_import(image):
     name, stages = image
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = arg_default(stages, "RECOPS_EXTRAS").split(",")
-    named = re.findall(r"[\"' ]([A-Za-z0-9_.\-]+)==", run_text(stages))  # pinned packages, e.g. "torch==..."
+    # Packages named beside the extras: RECOPS_PACKAGES, and torch's layer (torch==<the lock's>)
+    named = [*arg_default(stages, "RECOPS_PACKAGES", "").replace(",", " ").split(),
+             *re.findall(r"s/\^\\\(([A-Za-z0-9_.\-]+)==", run_text(final_chain(stages)))]
     requirements = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e]),
-                    *named, *BASE_PACKAGES[name]]
+                    *named]
     available = installed_closure(requirements)
     blocked = sorted(module for module, dists in metadata.packages_distributions().items()
                      if module != "recops" and module not in sys.stdlib_module_names
@@ -451,11 +488,12 @@ def test_the_build_context_holds_the_sources_and_nothing_local():
                 included = pattern.startswith("!")
         return included
 
-    for path in ("pyproject.toml", "README.md", "src/recops/cli.py", "kernels/setup.py"):
+    for path in ("pyproject.toml", "README.md", "requirements.lock", "images/requirements.py", "src/recops/cli.py",
+                 "kernels/setup.py"):
         assert sent(path), path
     for path in (".git/config", ".venv/bin/python", "runs/demo/summary.json", "results/x.json", "tests/conftest.py",
                  "e2e_tests/.cache/x", "src/recops/__pycache__/cli.cpython-311.pyc", "src/recops/cli.pyc", ".env",
-                 "helm/recops/Chart.yaml", "kernels/build/lib/ext.so"):
+                 "helm/recops/Chart.yaml", "kernels/build/lib/ext.so", "images/build-local.sh"):
         assert not sent(path), path
     for stages in map(read_dockerfile, DOCKERFILES.values()):  # what the Dockerfiles COPY is sent
         for value in (v for stage in stages for v in stage.values("COPY") if not v.startswith("--from")):
@@ -613,7 +651,7 @@ def test_the_triton_container_command_serves_the_repository(exported, tmp_path):
 
     class ManifestTriton(TritonServer):
         """The manifest's tritonserver command line; this machine adds loopback addresses and the
-        backends folder with the stub of its Python (the image replaces NGC's stub the same way)."""
+        backends folder with the stub of its Python (the image links the same stub into its default one)."""
 
         def command(self, installation, backends):
             return [str(installation.binary), *args, f"--backend-directory={backends}", "--http-address=127.0.0.1",
@@ -621,7 +659,7 @@ def test_the_triton_container_command_serves_the_repository(exported, tmp_path):
 
     with ManifestTriton(exported, ports, log_path=tmp_path / "triton.log") as server:
         with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=5) as response:
-            assert json.load(response)["version"] == NGC_TRITON[triton_release()]  # the image's Triton
+            assert json.load(response)["version"] == PYTRITON_TRITON[triton_release()]  # the image's Triton
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             path = container[probe]["httpGet"]["path"]
             with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as response:
@@ -688,9 +726,11 @@ def test_the_operator_image_command_starts_the_operator_cli():
 
 
 def test_the_triton_image_builds_the_kernels_for_the_architectures_ci_compiles():
-    """The image's kernels stage and CI's compile (kernels/build.py, tests/test_kernels_build.py) target the
-    same GPUs, and the image checks at build time that the extension loads."""
+    """The image's kernels stage (off by default: WITH_KERNELS=1) and CI's compile (kernels/build.py,
+    tests/test_kernels_build.py) target the same GPUs, and the image checks at build time that the extension
+    loads when it was built."""
     text = DOCKERFILES["triton"].read_text()
+    assert arg_default(read_dockerfile(DOCKERFILES["triton"]), "WITH_KERNELS") == "0"
     build = (REPO / "kernels" / "build.py").read_text()
     archs = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', text).group(1)
     assert f'DEFAULT_ARCHS = "{archs}"' in build and archs == "8.0 9.0+PTX"

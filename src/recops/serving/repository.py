@@ -15,7 +15,7 @@ them in one reload (``recops.serving.hot_reload``). Clients always call ``recops
 
 Each ``model.py`` is a two-line shim importing a class from
 ``recops.serving.triton_models``: the code Triton runs is the installed
-``recops`` (the same in the NGC image and here), and the artifact holds only the
+``recops`` (the same in the Triton image and here), and the artifact holds only the
 files serving reads. Configs are ``ModelConfig`` protobufs (Triton's own schema,
 from tritonclient) built by pure functions of the serving spec.
 """

@@ -6,7 +6,7 @@ wheel does not arrange by itself (see docs/architecture.md): the wheel's
 ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH``; a backends folder whose
 ``python/`` holds the stub for the running Python; and this environment's
 ``bin`` first on ``PATH``, because the stub runs ``model.py`` with the first
-``python3`` it finds. Production uses NGC's image with the same model repository.
+``python3`` it finds. The Triton image (triton_image/Dockerfile) arranges the same for the same wheel.
 """
 
 from __future__ import annotations
