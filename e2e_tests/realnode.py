@@ -228,21 +228,34 @@ state = "{self.work_dir}/containerd/state"
             "authorization": {"mode": "AlwaysAllow"},
             "address": NODE_IP, "readOnlyPort": 0, "failSwapOn": False,
             "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local", "serializeImagePulls": False,
-            "podLogsDir": str(self.work_dir / "pod-logs")}))
+            "podLogsDir": str(self.work_dir / "pod-logs"),
+            # The node shares the host's disk, which CI fills to well under the kubelet's default 15% free:
+            # its DiskPressure taint would then keep every pod off the node, and image GC would delete the
+            # images imported for the tests (there is no registry to pull them back from).
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2Gi", "imagefs.available": "2Gi"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99}))
         proc = self._spawn("kubelet", [
             str(self.cluster.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
             f"--node-ip={NODE_IP}", f"--hostname-override={NODE_NAME}", f"--root-dir={self.work_dir / 'kubelet'}",
             f"--node-labels={NODE_LABEL}", f"--register-with-taints={NODE_TAINT}=true:NoSchedule"])
 
+        last_seen: dict[str, object] = {}
+
         def ready() -> bool:
+            """Ready, and no taint but ours: a pressure taint would keep the tests' pods off the node."""
             proc.check_alive()
             found = self.cluster.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
             if found.returncode != 0:
                 return False
-            conditions = json.loads(found.stdout)["status"].get("conditions", [])
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            node = json.loads(found.stdout)
+            conditions = node["status"].get("conditions", [])
+            taints = [t["key"] for t in node["spec"].get("taints", [])]
+            last_seen.update(taints=taints, conditions={c["type"]: c["status"] for c in conditions})
+            return (any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+                    and taints == [NODE_TAINT])
 
-        wait_until(ready, timeout=self.start_timeout, what=f"node {NODE_NAME} to be Ready", on_timeout=proc.tail)
+        wait_until(ready, timeout=self.start_timeout, what=f"node {NODE_NAME} to be Ready and untainted but for "
+                   f"{NODE_TAINT}", on_timeout=lambda: f"last seen: {last_seen}\n{proc.tail()}")
         self.startup_seconds["kubelet"] = time.monotonic() - started
 
     def _kube_proxy(self) -> None:

@@ -37,7 +37,9 @@ def test_a_pod_of_our_image_finds_the_apiserver_through_cluster_dns(cluster, nod
                {"name": "client", "image": image, "imagePullPolicy": "Never", "command": ["python", "-c", script]}]}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
     phase = wait_until(lambda: (p := pod_phase(cluster, real_namespace, "in-cluster-client")) in ("Succeeded", "Failed")
-                       and p, timeout=120, what="the in-cluster client pod to finish")
+                       and p, timeout=120, what="the in-cluster client pod to finish",
+                       on_timeout=lambda: json.dumps(cluster.kubectl.json(
+                           "get", "pod", "in-cluster-client", "-n", real_namespace)["status"]))
     logs = cluster.kubectl("logs", "in-cluster-client", "-n", real_namespace, check=False).stdout
     assert phase == "Succeeded", logs
     found = cluster.kubectl.json("get", "pod", "in-cluster-client", "-n", real_namespace)
