@@ -24,8 +24,8 @@ import pytest
 
 from e2e_tests.ab import stack  # noqa: F401  (fixtures of the recops tests)
 from e2e_tests.localcluster import ClusterAccess, ClusterError, Kubectl, LocalCluster, ensure_binaries
-from e2e_tests.prerequisites import unavailable, uncaptured
-from e2e_tests.realnode_fixtures import node_images, real_namespace, real_node  # noqa: F401
+from e2e_tests.prerequisites import built_or_unavailable, unavailable, uncaptured
+from e2e_tests.realnode_fixtures import node_images, real_module_namespace, real_namespace, real_node  # noqa: F401
 from e2e_tests.recops_fixtures import apply_crds, artifacts, operator  # noqa: F401
 
 
@@ -39,14 +39,7 @@ def _external_cluster(kubeconfig_env: str, config: pytest.Config) -> ClusterAcce
     bin_dir: Path | None = None
     if kubectl is None:
         # No kubectl on this machine: the local build provides one (instantly once cached).
-        problem = ""
-        try:
-            with uncaptured(config):
-                bin_dir = ensure_binaries()
-        except ClusterError as exc:
-            problem = str(exc)
-        if problem or bin_dir is None:
-            unavailable(f"kubectl is not on PATH and building it failed: {problem}")
+        bin_dir = built_or_unavailable(config, ensure_binaries, "kubectl is not on PATH and building it failed")
         kubectl = str(bin_dir / "kubectl")
     return ClusterAccess(kubeconfig=kubeconfig, kubectl=Kubectl(kubeconfig, kubectl), bin_dir=bin_dir)
 
@@ -59,20 +52,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield _external_cluster(external, request.config)
         return
 
-    # Skips and failures are raised outside the `except` blocks, so that their reports do not
-    # chain the ClusterError's traceback: its message says all there is.
+    bin_dir = built_or_unavailable(
+        request.config, ensure_binaries,
+        "building the local control plane failed; it needs Go >= 1.26 on PATH and the Go module proxy "
+        "(or set KUBECONFIG to a cluster)")
+    # The failure is raised outside the `except` block, so that its report does not chain the
+    # ClusterError's traceback: its message says all there is.
     problem = ""
-    try:
-        with uncaptured(request.config):
-            bin_dir = ensure_binaries()
-    except ClusterError as exc:
-        problem = str(exc)
-    if problem:
-        unavailable(
-            "building the local control plane failed; it needs Go >= 1.26 on PATH and the Go module proxy "
-            f"(or set KUBECONFIG to a cluster):\n{problem}"
-        )
-
     local = LocalCluster(bin_dir, tmp_path_factory.mktemp("cluster"))
     try:
         local.start()

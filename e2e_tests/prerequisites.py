@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
 
 import pytest
+
+from e2e_tests.localcluster import ClusterError
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -26,3 +30,15 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("RECOPS_REQUIRE_CLUSTER") == "1":
         pytest.fail(f"RECOPS_REQUIRE_CLUSTER=1 but there is no cluster: {reason}", pytrace=False)
     pytest.skip(f"no Kubernetes cluster: {reason}")
+
+
+def built_or_unavailable(config: pytest.Config, build: Callable[[], T], failure: str) -> T:
+    """``build()``'s result, its progress shown as it happens; ``unavailable`` (skip, or fail under CI) when it
+    raises ClusterError. The skip is raised outside the ``except`` so that it does not chain the traceback."""
+    problem = ""
+    try:
+        with uncaptured(config):
+            return build()
+    except ClusterError as exc:
+        problem = str(exc)
+    unavailable(f"{failure}:\n{problem}")

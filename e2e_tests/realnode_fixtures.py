@@ -11,6 +11,7 @@ fails the tests; elsewhere they skip.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from e2e_tests.localcluster import ClusterAccess, ClusterError
-from e2e_tests.prerequisites import unavailable, uncaptured
-from e2e_tests.realnode import NAMESPACE_ANNOTATIONS, RealNode, build_node_binaries
+from e2e_tests.prerequisites import built_or_unavailable, unavailable, uncaptured
+from e2e_tests.realnode import NAMESPACE_ANNOTATIONS, RealNode, binary_image, build_node_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_IMAGES = REPO / "images" / "build-local.sh"
@@ -44,6 +45,7 @@ class NodeImages:
     version: str
     seconds: dict[str, float] = field(default_factory=dict)
     _refs: dict[str, str] = field(default_factory=dict)
+    _archives: dict[str, Path] = field(default_factory=dict)
 
     def ensure(self, name: str) -> str:
         """The image reference of ``operator``, ``trainer`` or ``triton``, present on the node."""
@@ -64,7 +66,28 @@ class NodeImages:
         self.seconds[f"{name} build"] = built - started
         self.seconds[f"{name} import"] = time.monotonic() - built
         self._refs[name] = f"{REGISTRY}/{name}:{self.version}"
+        self._archives[name] = archive
         return self._refs[name]
+
+    def prometheus(self) -> str:
+        """Debian's Prometheus (the binary the host tests run) on the operator image, present on the node.
+
+        No registry serves prom/prometheus here; the binary links only libc, which the operator image has.
+        """
+        if "prometheus" in self._refs:
+            return self._refs["prometheus"]
+        self.ensure("operator")
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("the in-cluster Prometheus needs Debian's prometheus (make system-deps)", pytrace=False)
+        started = time.monotonic()
+        ref = f"{REGISTRY}/e2e-prometheus:{self.version}"
+        archive = binary_image(Path(binary), ref, self.node.work_dir / "prometheus.oci.tar",
+                               base=f"oci-archive:{self._archives['operator']}")
+        self.node.import_image(archive)
+        self.seconds["prometheus image"] = time.monotonic() - started
+        self._refs["prometheus"] = ref
+        return ref
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +101,8 @@ def real_node(cluster: ClusterAccess, request: pytest.FixtureRequest,
         unavailable(f"the real node needs {', '.join(missing)} (make system-deps installs them)")
     if os.geteuid() != 0:
         unavailable("the real node needs root (network namespaces, cgroups, mounts)")
+    node_bin = built_or_unavailable(request.config, build_node_binaries, "building the node's binaries failed")
     problem = ""
-    try:
-        with uncaptured(request.config):
-            node_bin = build_node_binaries()
-    except ClusterError as exc:
-        problem = str(exc)
-    if problem:
-        unavailable(f"building the node's binaries failed:\n{problem}")
     node = RealNode(cluster.local, node_bin, tmp_path_factory.mktemp("real-node"))
     try:
         node.start()
@@ -119,12 +136,25 @@ def annotate_for_real_node(cluster: ClusterAccess, name: str) -> None:
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "annotations": NAMESPACE_ANNOTATIONS}}))
 
 
-@pytest.fixture
-def real_namespace(cluster: ClusterAccess, real_node: RealNode) -> Iterator[str]:
-    """A fresh namespace whose pods run on the real node, deleted afterwards."""
+@contextlib.contextmanager
+def _fresh_namespace(cluster: ClusterAccess) -> Iterator[str]:
     name = f"real-{uuid.uuid4().hex[:8]}"
     annotate_for_real_node(cluster, name)
     try:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def real_namespace(cluster: ClusterAccess, real_node: RealNode) -> Iterator[str]:
+    """A fresh namespace whose pods run on the real node, deleted afterwards."""
+    with _fresh_namespace(cluster) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def real_module_namespace(cluster: ClusterAccess, real_node: RealNode) -> Iterator[str]:
+    """As ``real_namespace``, shared by a module's tests (a chart and models they build on)."""
+    with _fresh_namespace(cluster) as name:
+        yield name

@@ -6,15 +6,24 @@ built from this repository's Dockerfiles, under the security context the manifes
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
+from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL, Stack, Traffic, experiment_manifest, finish
 from e2e_tests.chart import CHART, RELEASE, RELEASE_NAMESPACE, helm
 from e2e_tests.localcluster import ClusterAccess, wait_until
 from e2e_tests.realnode import NODE_NAME
 from e2e_tests.realnode_fixtures import annotate_for_real_node
+from e2e_tests.recops_fixtures import bind_artifact_claim
+from recops.operator.manifests.common import RUN_AS_USER
 
 pytestmark = pytest.mark.real_node
 
@@ -50,27 +59,7 @@ def test_a_pod_of_our_image_finds_the_apiserver_through_cluster_dns(cluster, nod
     assert version == cluster.kubectl.json("version")["serverVersion"]["gitVersion"]
 
 
-@pytest.fixture
-def chart(cluster, node_images, apply_crds, real_namespace) -> Iterator[str]:
-    """The README's ``helm install``, watching ``real_namespace``: the operator runs in pods of its image."""
-    image = node_images.ensure("operator")
-    annotate_for_real_node(cluster, RELEASE_NAMESPACE)
-    try:
-        helm(cluster, "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-             "--set", f"operator.watchNamespaces={{{real_namespace}}}")
-        done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", RELEASE_NAMESPACE, "--timeout=180s",
-                               check=False, timeout=200)
-        assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{json.dumps(operator_pods(cluster))[-3000:]}"
-        yield image
-    finally:
-        cluster.kubectl("delete", "recmodels,recexperiments", "--all", "-n", real_namespace, "--wait=false",
-                        check=False)
-        helm(cluster, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait", check=False)
-        # Gone before the next test installs the chart into it again.
-        cluster.kubectl("delete", "namespace", RELEASE_NAMESPACE, "--timeout=120s", check=False, timeout=130)
-
-
-def test_helm_install_runs_the_operator_in_real_pods(cluster, chart, real_namespace):
+def test_helm_install_runs_the_operator_in_real_pods(cluster, chart, real_module_namespace):
     """The chart's Deployment: two replicas from the operator image, non-root, read-only root, probes passing."""
     pods = operator_pods(cluster)
     assert len(pods["items"]) == 2
@@ -91,10 +80,269 @@ def test_helm_install_runs_the_operator_in_real_pods(cluster, chart, real_namesp
     model = {"apiVersion": "recops.dev/v1alpha1", "kind": "RecModel", "metadata": {"name": "real"},
              "spec": {"data": {"source": "synthetic", "synthetic": {"users": 200, "items": 100}},
                       "backbone": {"name": "builtin:minilm"}}}
-    cluster.kubectl("apply", "-n", real_namespace, "-f", "-", input=json.dumps(model))
-    jobs = wait_until(lambda: cluster.kubectl.json("get", "jobs", "-n", real_namespace)["items"] or None,
+    cluster.kubectl("apply", "-n", real_module_namespace, "-f", "-", input=json.dumps(model))
+    jobs = wait_until(lambda: cluster.kubectl.json("get", "jobs", "-n", real_module_namespace)["items"] or None,
                       timeout=90, what="the operator (in its pod) to create the training Job")
     assert jobs[0]["metadata"]["ownerReferences"][0]["name"] == "real"
     # Neither replica restarted: the liveness probe (kopf's /healthz) passed all along.
     pods = operator_pods(cluster)
     assert [p["status"]["containerStatuses"][0]["restartCount"] for p in pods["items"]] == [0, 0]
+    # Gone with its Job before the module's models train on the node's two CPUs.
+    cluster.kubectl("delete", "recmodel", "real", "-n", real_module_namespace, "--cascade=foreground",
+                    "--timeout=120s", timeout=130)
+
+
+# --- The README path in real pods: the chart, two RecModels trained and served, a RecExperiment ---------
+
+# The demo's two models (recops.demo.models) on its quick shop, sized for the real node (2 CPUs, no GPU):
+# the specs' defaults ask 2 CPUs per container, more than the node has beside the operator.
+TRAINING_RESOURCES = {"cpu": "500m", "memory": "4Gi"}
+SERVING_RESOURCES = {"cpu": "250m", "memory": "4Gi"}
+# The node's kubelet refreshes mounted ConfigMaps on its 10 s pod sync (RealNode); the router then reloads
+# within a second. The chart's default settle (90 s) is sized for the kubelet's default 1 min sync.
+ROUTER_SETTLE_SECONDS = 25
+
+
+@pytest.fixture(scope="module")
+def chart(cluster, node_images, apply_crds, real_module_namespace) -> Iterator[str]:
+    """The README's ``helm install``, watching ``real_module_namespace``: the operator runs in pods of its image."""
+    image = node_images.ensure("operator")
+    annotate_for_real_node(cluster, RELEASE_NAMESPACE)
+    try:
+        helm(cluster, "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+             "--set", f"operator.watchNamespaces={{{real_module_namespace}}}",
+             "--set", f"operator.routerSettleSeconds={ROUTER_SETTLE_SECONDS}", "--set", "router.cpu=100m")
+        done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", RELEASE_NAMESPACE, "--timeout=180s",
+                               check=False, timeout=200)
+        assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{json.dumps(operator_pods(cluster))[-3000:]}"
+        yield image
+    finally:
+        cluster.kubectl("delete", "recmodels,recexperiments", "--all", "-n", real_module_namespace, "--wait=false",
+                        check=False)
+        helm(cluster, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait", check=False)
+        cluster.kubectl("delete", "namespace", RELEASE_NAMESPACE, "--timeout=120s", check=False, timeout=130)
+
+
+def recmodel_manifest(name: str, spec) -> dict:
+    document = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    document["training"]["resources"] = TRAINING_RESOURCES
+    document["serving"].update(replicas=1, resources=SERVING_RESOURCES)
+    return {"apiVersion": "recops.dev/v1alpha1", "kind": "RecModel", "metadata": {"name": name}, "spec": document}
+
+
+@dataclass
+class ServedModels:
+    """The two RecModels of the module, Ready: trained in trainer pods, served by Triton pods."""
+
+    namespace: str
+    folder: Path  # the artifact volume's folder on this machine
+    status: dict[str, dict]
+    phases: dict[str, list[tuple[str, float]]]
+
+
+@pytest.fixture(scope="module")
+def served_models(cluster, node_images, chart, real_module_namespace, tmp_path_factory) -> Iterator[ServedModels]:
+    """The demo's control and treatment as RecModels, both trained and served in real pods."""
+    from recops.demo.models import demo_models, synthetic_data_spec
+
+    node_images.ensure("trainer")
+    node_images.ensure("triton")
+    namespace = real_module_namespace
+    # The volume's owner is the pods' uid, as an NFS export's admin would set it (hostPath ignores fsGroup).
+    folder = tmp_path_factory.mktemp("real-artifacts")
+    os.chown(folder, RUN_AS_USER, RUN_AS_USER)
+    volume = bind_artifact_claim(cluster, namespace, folder)
+    models = demo_models(synthetic_data_spec(quick=True, seed=0), quick=True)
+    names = {CONTROL_MODEL: models.control, TREATMENT_MODEL: models.treatment}
+    try:
+        for name, spec in names.items():
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(recmodel_manifest(name, spec)))
+        started, phases = time.monotonic(), {name: [] for name in names}
+
+        def ready() -> dict | None:
+            found = {}
+            for name in names:
+                status = cluster.kubectl.json("get", "recmodel", name, "-n", namespace).get("status", {})
+                seen = phases[name]
+                if status.get("phase") and (not seen or seen[-1][0] != status["phase"]):
+                    seen.append((status["phase"], round(time.monotonic() - started, 1)))
+                assert status.get("phase") != "Failed", (name, status)
+                found[name] = status
+            return found if all(s.get("phase") == "Ready" for s in found.values()) else None
+
+        status = wait_until(ready, timeout=1200, interval=2, what="both RecModels to be Ready",
+                            on_timeout=lambda: describe(cluster, namespace))
+        print(f"\nphases (s since apply): {phases}")
+        yield ServedModels(namespace, folder, status, phases)
+    finally:
+        cluster.kubectl("delete", "recexperiments,recmodels", "--all", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
+
+
+def test_recmodels_train_and_serve_in_real_pods(cluster, served_models):
+    """RecModel → training Job in the trainer image (its termination message read by the operator) → Triton
+    Deployment in the Triton image (init export, probes) → a request through the Service answers with its items."""
+    namespace = served_models.namespace
+    for name, status in served_models.status.items():
+        # The metrics came from the trainer's termination message, which this test never wrote.
+        job = status["trainingJob"]
+        (pod,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
+        assert pod["spec"]["nodeName"] == NODE_NAME
+        message = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+        assert status["metrics"]["recall@20"] == pytest.approx(message["recall@20"])
+        # The Triton pod: the init container exported, every container ready and never restarted.
+        (triton,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l",
+                                         f"app.kubernetes.io/component=serving,app.kubernetes.io/instance={name}")["items"]
+        assert triton["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+        assert all(c["ready"] and c["restartCount"] == 0 for c in triton["status"]["containerStatuses"])
+        # A request from outside the pod, through the Service's ClusterIP (kube-proxy), answers with trained items.
+        service = cluster.kubectl.json("get", "service", status["endpoint"].split(".")[0], "-n", namespace)
+        answer = asyncio.run(recommend(f"{service['spec']['clusterIP']}:8001"))
+        assert len(answer.item_ids) == 10 and len(set(answer.item_ids)) == 10
+        catalogue = trained_items(served_models.folder / namespace / name / status["revision"])
+        assert set(answer.item_ids) <= catalogue
+
+
+async def recommend(address: str):
+    from recops.serving.triton_client import TritonRecommender
+
+    return await TritonRecommender(address, timeout_s=30).recommend("u0", [], 10, None)
+
+
+def trained_items(model_dir: Path) -> set[str]:
+    """The item ids of the model the trainer pod exported (read back by the code serving uses)."""
+    from recops.training.export import load_serving_metadata
+
+    items, _ = load_serving_metadata(model_dir)
+    return set(items["item_id"].to_list())
+
+
+def describe(cluster: ClusterAccess, namespace: str) -> str:
+    return cluster.kubectl("describe", "recmodel,rexp,jobs,pods", "-n", namespace, check=False).stdout[-6000:]
+
+
+# Kubernetes service discovery (role: pod) and the router pods' prometheus.io annotations: the set-up the
+# router Deployment's annotations are for when no prometheus-operator runs (none does here).
+PROMETHEUS_CONFIG = """
+global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: recops-pods
+    kubernetes_sd_configs: [{{role: pod, namespaces: {{names: [{namespace}]}}}}]
+    relabel_configs:
+      - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], regex: "true", action: keep}}
+      - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
+        regex: "(.+);(.+)"
+        replacement: "$1:$2"
+        target_label: __address__
+      - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], regex: "(.+)",
+          target_label: __metrics_path__}}
+      - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
+"""
+
+
+def prometheus_manifests(namespace: str, image: str) -> list[dict]:
+    """A Prometheus pod (non-root, read-only root) allowed to list the namespace's pods, and its Service."""
+    meta = {"name": "prometheus", "namespace": namespace}
+    labels = {"app": "prometheus"}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "prometheus"},
+         "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": namespace}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+         "data": {"prometheus.yml": PROMETHEUS_CONFIG.format(namespace=namespace)}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
+            "replicas": 1, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "serviceAccountName": "prometheus",
+                "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER},
+                "containers": [{
+                    "name": "prometheus", "image": image, "imagePullPolicy": "Never",
+                    "args": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
+                             "--web.listen-address=:9090"],
+                    "ports": [{"name": "http", "containerPort": 9090}],
+                    "readinessProbe": {"httpGet": {"path": "/-/ready", "port": "http"}, "periodSeconds": 2},
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+                    "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},
+                                     {"name": "data", "mountPath": "/prometheus"}]}],
+                "volumes": [{"name": "config", "configMap": {"name": "prometheus"}},
+                            {"name": "data", "emptyDir": {}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+         "spec": {"selector": labels, "ports": [{"name": "http", "port": 9090, "targetPort": "http"}]}},
+    ]
+
+
+def cluster_ip(cluster: ClusterAccess, namespace: str, service: str) -> str:
+    return cluster.kubectl.json("get", "service", service, "-n", namespace)["spec"]["clusterIP"]
+
+
+def prometheus_query(address: str, promql: str) -> list[dict]:
+    answer = httpx.get(f"http://{address}/api/v1/query", params={"query": promql}, timeout=5)
+    answer.raise_for_status()
+    return answer.json()["data"]["result"]
+
+
+def feedback_lines(folder: Path, event: str) -> int:
+    """Lines of ``event`` in every router pod's feedback log on the artifact volume."""
+    return sum(line.count(f'"event":"{event}"') for path in folder.rglob("feedback*.jsonl*")
+               for line in path.read_text().splitlines())
+
+
+def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_in_cluster_prometheus(
+        cluster, node_images, served_models):
+    """RecExperiment → router pods (ConfigMap mounted by the kubelet, feedback via subPathExpr) → Prometheus in
+    the cluster, finding them by Kubernetes service discovery → shoppers through the router's Service → Promoted."""
+    from recops.data.prepare import prepare
+    from recops.data.synthetic import SyntheticConfig, generate
+    from recops.demo.models import SHOP, demo_models, synthetic_data_spec
+    from recops.demo.run import Visitors, visitors
+    from recops.demo.simulation import SimulatedUsers, SyntheticBehaviour
+
+    namespace, name = served_models.namespace, "real-ab"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=json.dumps(prometheus_manifests(namespace, node_images.prometheus())))
+    done = cluster.kubectl("rollout", "status", "deployment/prometheus", "-n", namespace, "--timeout=120s",
+                           check=False, timeout=130)
+    assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
+    # The operator (in its pod) reads the gates through cluster DNS; this test reads Prometheus by ClusterIP.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+        experiment_manifest(name, f"http://prometheus.{namespace}.svc:9090")))
+    router = f"{name}-router"
+    wait_until(lambda: cluster.kubectl("get", "deployment", router, "-n", namespace, check=False).returncode == 0,
+               timeout=120, what="the operator to create the router Deployment")
+    done = cluster.kubectl("rollout", "status", f"deployment/{router}", "-n", namespace, "--timeout=180s",
+                           check=False, timeout=190)
+    assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
+    prometheus = f"{cluster_ip(cluster, namespace, 'prometheus')}:9090"
+    wait_until(lambda: len([s for s in prometheus_query(prometheus, 'up{pod=~".*-router-.*"}')
+                            if s["value"][1] == "1"]) == 2,
+               timeout=60, what="Prometheus to discover and scrape both router pods")
+
+    # The shoppers of the shop both models were trained on (same generator, same seed).
+    data_spec = synthetic_data_spec(quick=True, seed=0)
+    size = SHOP["quick"]
+    shop = generate(SyntheticConfig(n_users=size["users"], n_items=size["items"], days=size["days"], seed=0))
+    users = visitors(SimulatedUsers.from_interactions(prepare(demo_models(data_spec, quick=True).control.data,
+                                                              seed=0)))
+    shoppers = Stack(tritons={}, users=users, behaviour=Visitors(SyntheticBehaviour(shop)), work=served_models.folder)
+    traffic = Traffic(f"http://{cluster_ip(cluster, namespace, router)}:8080", shoppers).start()
+    try:
+        status = finish(cluster, namespace, name, timeout=900)
+    finally:
+        result = traffic.stop()
+    assert status["phase"] == "Promoted", f"{status.get('message')}\n{describe(cluster, namespace)}"
+    assert status["winner"] == TREATMENT_MODEL and status["weight"] == 100
+    steps = [entry["step"] for entry in status["rollout"]["history"] if entry["decision"] in ("Start", "Advance")]
+    assert steps == [0, 1, 2]
+    # Every click the shoppers had accepted is in the routers' feedback logs (one folder per pod, subPathExpr).
+    assert result.lost_events == 0, result.errors
+    clicks = sum(arm.clicks for arm in result.arms.values())
+    assert clicks > 0
+    logs = served_models.folder / "feedback" / namespace / name
+    assert len([p for p in logs.iterdir() if p.is_dir()]) == 2
+    wait_until(lambda: feedback_lines(logs, "click") == clicks, timeout=30,
+               what=f"the routers' logs to hold the {clicks} clicks sent",
+               on_timeout=lambda: f"{feedback_lines(logs, 'click')} in the logs")
