@@ -189,7 +189,7 @@ def test_recmodels_train_and_serve_in_real_pods(cluster, served_models):
         (pod,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
         assert pod["spec"]["nodeName"] == NODE_NAME
         message = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
-        assert status["metrics"]["recall@20"] == pytest.approx(message["recall@20"])
+        assert status["metrics"]["recall@20"] == pytest.approx(message["metrics"]["recall@20"])
         # The Triton pod: the init container exported, every container ready and never restarted.
         (triton,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l",
                                          f"app.kubernetes.io/component=serving,app.kubernetes.io/instance={name}")["items"]
@@ -221,53 +221,47 @@ def describe(cluster: ClusterAccess, namespace: str) -> str:
     return cluster.kubectl("describe", "recmodel,rexp,jobs,pods", "-n", namespace, check=False).stdout[-6000:]
 
 
-# Kubernetes service discovery (role: pod) and the router pods' prometheus.io annotations: the set-up the
-# router Deployment's annotations are for when no prometheus-operator runs (none does here).
+# Debian's Prometheus (the one these machines have) is built without Kubernetes service discovery, so it
+# finds the router pods as a Prometheus outside the cluster's API would: by DNS, through a headless
+# Service over the router's pods, one A record per ready pod (CoreDNS), each scraped on its own.
 PROMETHEUS_CONFIG = """
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 scrape_configs:
-  - job_name: recops-pods
-    kubernetes_sd_configs: [{{role: pod, namespaces: {{names: [{namespace}]}}}}]
-    relabel_configs:
-      - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], regex: "true", action: keep}}
-      - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
-        regex: "(.+);(.+)"
-        replacement: "$1:$2"
-        target_label: __address__
-      - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], regex: "(.+)",
-          target_label: __metrics_path__}}
-      - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
+  - job_name: recops-routers
+    dns_sd_configs: [{{names: [{pods}], type: A, port: {port}, refresh_interval: 2s}}]
 """
 
 
-def prometheus_manifests(namespace: str, image: str) -> list[dict]:
-    """A Prometheus pod (non-root, read-only root) allowed to list the namespace's pods, and its Service."""
+def prometheus_manifests(namespace: str, image: str, experiment: str) -> list[dict]:
+    """A Prometheus pod (non-root, read-only root) and its Service, and a headless Service over the router
+    pods the operator will make for ``experiment``, for Prometheus to find them by."""
+    from recops.operator.manifests.router import ROUTER, ROUTER_PORT, router_name
+    from recops.operator.naming import selector
+
     meta = {"name": "prometheus", "namespace": namespace}
     labels = {"app": "prometheus"}
+    pods = f"{router_name(experiment)}-pods"
+    config = PROMETHEUS_CONFIG.format(pods=f"{pods}.{namespace}.svc.cluster.local", port=ROUTER_PORT)
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
-         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "prometheus"},
-         "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": namespace}]},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-         "data": {"prometheus.yml": PROMETHEUS_CONFIG.format(namespace=namespace)}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": pods, "namespace": namespace},
+         "spec": {"clusterIP": "None", "selector": selector(experiment, ROUTER),
+                  "ports": [{"name": "metrics", "port": ROUTER_PORT}]}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"prometheus.yml": config}},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
             "replicas": 1, "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": {
-                "serviceAccountName": "prometheus",
+                "automountServiceAccountToken": False,
                 "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER},
                 "containers": [{
                     "name": "prometheus", "image": image, "imagePullPolicy": "Never",
-                    "args": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
+                    "args": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/data",
                              "--web.listen-address=:9090"],
                     "ports": [{"name": "http", "containerPort": 9090}],
                     "readinessProbe": {"httpGet": {"path": "/-/ready", "port": "http"}, "periodSeconds": 2},
                     "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
                     "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
                     "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},
-                                     {"name": "data", "mountPath": "/prometheus"}]}],
+                                     {"name": "data", "mountPath": "/data"}]}],
                 "volumes": [{"name": "config", "configMap": {"name": "prometheus"}},
                             {"name": "data", "emptyDir": {}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": meta,
@@ -294,7 +288,7 @@ def feedback_lines(folder: Path, event: str) -> int:
 def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_in_cluster_prometheus(
         cluster, node_images, served_models):
     """RecExperiment → router pods (ConfigMap mounted by the kubelet, feedback via subPathExpr) → Prometheus in
-    the cluster, finding them by Kubernetes service discovery → shoppers through the router's Service → Promoted."""
+    the cluster, finding them through cluster DNS → shoppers through the router's Service → Promoted."""
     from recops.data.prepare import prepare
     from recops.data.synthetic import SyntheticConfig, generate
     from recops.demo.models import SHOP, demo_models, synthetic_data_spec
@@ -303,10 +297,12 @@ def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_i
 
     namespace, name = served_models.namespace, "real-ab"
     cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=json.dumps(prometheus_manifests(namespace, node_images.prometheus())))
+                    input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                      "items": prometheus_manifests(namespace, node_images.prometheus(), name)}))
     done = cluster.kubectl("rollout", "status", "deployment/prometheus", "-n", namespace, "--timeout=120s",
                            check=False, timeout=130)
-    assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
+    assert done.returncode == 0, done.stdout + done.stderr + cluster.kubectl(
+        "describe", "pods", "-l", "app=prometheus", "-n", namespace, check=False).stdout[-4000:]
     # The operator (in its pod) reads the gates through cluster DNS; this test reads Prometheus by ClusterIP.
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
         experiment_manifest(name, f"http://prometheus.{namespace}.svc:9090")))
@@ -317,7 +313,7 @@ def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_i
                            check=False, timeout=190)
     assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
     prometheus = f"{cluster_ip(cluster, namespace, 'prometheus')}:9090"
-    wait_until(lambda: len([s for s in prometheus_query(prometheus, 'up{pod=~".*-router-.*"}')
+    wait_until(lambda: len([s for s in prometheus_query(prometheus, 'up{job="recops-routers"}')
                             if s["value"][1] == "1"]) == 2,
                timeout=60, what="Prometheus to discover and scrape both router pods")
 
