@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL, Stack, Traffic, experiment_manifest, finish
+from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL
 from e2e_tests.chart import CHART, RELEASE, RELEASE_NAMESPACE, helm
 from e2e_tests.localcluster import ClusterAccess, wait_until
 from e2e_tests.realnode import NODE_NAME
@@ -219,126 +218,3 @@ def trained_items(model_dir: Path) -> set[str]:
 
 def describe(cluster: ClusterAccess, namespace: str) -> str:
     return cluster.kubectl("describe", "recmodel,rexp,jobs,pods", "-n", namespace, check=False).stdout[-6000:]
-
-
-# Debian's Prometheus (the one these machines have) is built without Kubernetes service discovery, so it
-# finds the router pods as a Prometheus outside the cluster's API would: by DNS, through a headless
-# Service over the router's pods, one A record per ready pod (CoreDNS), each scraped on its own.
-PROMETHEUS_CONFIG = """
-global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-scrape_configs:
-  - job_name: recops-routers
-    dns_sd_configs: [{{names: [{pods}], type: A, port: {port}, refresh_interval: 2s}}]
-"""
-
-
-def prometheus_manifests(namespace: str, image: str, experiment: str) -> list[dict]:
-    """A Prometheus pod (non-root, read-only root) and its Service, and a headless Service over the router
-    pods the operator will make for ``experiment``, for Prometheus to find them by."""
-    from recops.operator.manifests.router import ROUTER, ROUTER_PORT, router_name
-    from recops.operator.naming import selector
-
-    meta = {"name": "prometheus", "namespace": namespace}
-    labels = {"app": "prometheus"}
-    pods = f"{router_name(experiment)}-pods"
-    config = PROMETHEUS_CONFIG.format(pods=f"{pods}.{namespace}.svc.cluster.local", port=ROUTER_PORT)
-    return [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": pods, "namespace": namespace},
-         "spec": {"clusterIP": "None", "selector": selector(experiment, ROUTER),
-                  "ports": [{"name": "metrics", "port": ROUTER_PORT}]}},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"prometheus.yml": config}},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
-            "replicas": 1, "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "automountServiceAccountToken": False,
-                "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER},
-                "containers": [{
-                    "name": "prometheus", "image": image, "imagePullPolicy": "Never",
-                    "args": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/data",
-                             "--web.listen-address=:9090"],
-                    "ports": [{"name": "http", "containerPort": 9090}],
-                    "readinessProbe": {"httpGet": {"path": "/-/ready", "port": "http"}, "periodSeconds": 2},
-                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-                    "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
-                    "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},
-                                     {"name": "data", "mountPath": "/data"}]}],
-                "volumes": [{"name": "config", "configMap": {"name": "prometheus"}},
-                            {"name": "data", "emptyDir": {}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": meta,
-         "spec": {"selector": labels, "ports": [{"name": "http", "port": 9090, "targetPort": "http"}]}},
-    ]
-
-
-def cluster_ip(cluster: ClusterAccess, namespace: str, service: str) -> str:
-    return cluster.kubectl.json("get", "service", service, "-n", namespace)["spec"]["clusterIP"]
-
-
-def prometheus_query(address: str, promql: str) -> list[dict]:
-    answer = httpx.get(f"http://{address}/api/v1/query", params={"query": promql}, timeout=5)
-    answer.raise_for_status()
-    return answer.json()["data"]["result"]
-
-
-def feedback_lines(folder: Path, event: str) -> int:
-    """Lines of ``event`` in every router pod's feedback log on the artifact volume."""
-    return sum(line.count(f'"event":"{event}"') for path in folder.rglob("feedback*.jsonl*")
-               for line in path.read_text().splitlines())
-
-
-def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_in_cluster_prometheus(
-        cluster, node_images, served_models):
-    """RecExperiment → router pods (ConfigMap mounted by the kubelet, feedback via subPathExpr) → Prometheus in
-    the cluster, finding them through cluster DNS → shoppers through the router's Service → Promoted."""
-    from recops.data.prepare import prepare
-    from recops.data.synthetic import SyntheticConfig, generate
-    from recops.demo.models import SHOP, demo_models, synthetic_data_spec
-    from recops.demo.run import Visitors, visitors
-    from recops.demo.simulation import SimulatedUsers, SyntheticBehaviour
-
-    namespace, name = served_models.namespace, "real-ab"
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                      "items": prometheus_manifests(namespace, node_images.prometheus(), name)}))
-    done = cluster.kubectl("rollout", "status", "deployment/prometheus", "-n", namespace, "--timeout=120s",
-                           check=False, timeout=130)
-    assert done.returncode == 0, done.stdout + done.stderr + cluster.kubectl(
-        "describe", "pods", "-l", "app=prometheus", "-n", namespace, check=False).stdout[-4000:]
-    # The operator (in its pod) reads the gates through cluster DNS; this test reads Prometheus by ClusterIP.
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
-        experiment_manifest(name, f"http://prometheus.{namespace}.svc:9090")))
-    router = f"{name}-router"
-    wait_until(lambda: cluster.kubectl("get", "deployment", router, "-n", namespace, check=False).returncode == 0,
-               timeout=120, what="the operator to create the router Deployment")
-    done = cluster.kubectl("rollout", "status", f"deployment/{router}", "-n", namespace, "--timeout=180s",
-                           check=False, timeout=190)
-    assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
-    prometheus = f"{cluster_ip(cluster, namespace, 'prometheus')}:9090"
-    wait_until(lambda: len([s for s in prometheus_query(prometheus, 'up{job="recops-routers"}')
-                            if s["value"][1] == "1"]) == 2,
-               timeout=60, what="Prometheus to discover and scrape both router pods")
-
-    # The shoppers of the shop both models were trained on (same generator, same seed).
-    data_spec = synthetic_data_spec(quick=True, seed=0)
-    size = SHOP["quick"]
-    shop = generate(SyntheticConfig(n_users=size["users"], n_items=size["items"], days=size["days"], seed=0))
-    users = visitors(SimulatedUsers.from_interactions(prepare(demo_models(data_spec, quick=True).control.data,
-                                                              seed=0)))
-    shoppers = Stack(tritons={}, users=users, behaviour=Visitors(SyntheticBehaviour(shop)), work=served_models.folder)
-    traffic = Traffic(f"http://{cluster_ip(cluster, namespace, router)}:8080", shoppers).start()
-    try:
-        status = finish(cluster, namespace, name, timeout=900)
-    finally:
-        result = traffic.stop()
-    assert status["phase"] == "Promoted", f"{status.get('message')}\n{describe(cluster, namespace)}"
-    assert status["winner"] == TREATMENT_MODEL and status["weight"] == 100
-    steps = [entry["step"] for entry in status["rollout"]["history"] if entry["decision"] in ("Start", "Advance")]
-    assert steps == [0, 1, 2]
-    # Every click the shoppers had accepted is in the routers' feedback logs (one folder per pod, subPathExpr).
-    assert result.lost_events == 0, result.errors
-    clicks = sum(arm.clicks for arm in result.arms.values())
-    assert clicks > 0
-    logs = served_models.folder / "feedback" / namespace / name
-    assert len([p for p in logs.iterdir() if p.is_dir()]) == 2
-    wait_until(lambda: feedback_lines(logs, "click") == clicks, timeout=30,
-               what=f"the routers' logs to hold the {clicks} clicks sent",
-               on_timeout=lambda: f"{feedback_lines(logs, 'click')} in the logs")
