@@ -97,9 +97,6 @@ def test_helm_install_runs_the_operator_in_real_pods(cluster, chart, real_module
 # the specs' defaults ask 2 CPUs per container, more than the node has beside the operator.
 TRAINING_RESOURCES = {"cpu": "500m", "memory": "4Gi"}
 SERVING_RESOURCES = {"cpu": "250m", "memory": "4Gi"}
-# The node's kubelet refreshes mounted ConfigMaps on its 10 s pod sync (RealNode); the router then reloads
-# within a second. The chart's default settle (90 s) is sized for the kubelet's default 1 min sync.
-ROUTER_SETTLE_SECONDS = 25
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +106,7 @@ def chart(cluster, node_images, apply_crds, real_module_namespace) -> Iterator[s
     annotate_for_real_node(cluster, RELEASE_NAMESPACE)
     try:
         helm(cluster, "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-             "--set", f"operator.watchNamespaces={{{real_module_namespace}}}",
-             "--set", f"operator.routerSettleSeconds={ROUTER_SETTLE_SECONDS}", "--set", "router.cpu=100m")
+             "--set", f"operator.watchNamespaces={{{real_module_namespace}}}")
         done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", RELEASE_NAMESPACE, "--timeout=180s",
                                check=False, timeout=200)
         assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{json.dumps(operator_pods(cluster))[-3000:]}"
