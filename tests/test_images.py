@@ -35,7 +35,7 @@ from recops.api import RecExperimentSpec, parse_recmodel_spec
 from recops.operator import recmodel as reconciler
 from recops.operator.manifests import recmodel as model_manifests
 from recops.operator.manifests import router as router_manifests
-from recops.operator.manifests.common import RUN_AS_USER, Owner, artifact_path
+from recops.operator.manifests.common import RUN_AS_USER, Owner, artifact_path, feedback_path
 from recops.operator.naming import training_revision
 from recops.operator.settings import OperatorSettings
 from recops.serving import contract
@@ -249,6 +249,12 @@ def test_the_router_and_operator_run_recops_from_the_operator_image():
     assert container["image"] == SETTINGS.router_image
     assert container["command"] == exec_form(last_value(stages, "ENTRYPOINT")) == ["recops"]
     assert container["args"][:2] == ["serve", "router"]
+    # Each pod its own feedback log, in the namespace's folder retrain Jobs read; the whole volume is
+    # mounted (a subPathExpr folder would be created root-owned by the kubelet: not writable by uid 1000).
+    log = container["args"][container["args"].index("--feedback-path") + 1]
+    assert log == f"{feedback_path(EXPERIMENT.namespace)}/{EXPERIMENT.name}/$(POD_NAME)/feedback.jsonl"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    assert not [m for m in container["volumeMounts"] if "subPath" in m or "subPathExpr" in m]
     # The Helm chart passes `args: [operator, --liveness-port=..., ...]` and no command.
     assert exec_form(last_value(stages, "CMD")) == ["operator"]
 
@@ -715,6 +721,8 @@ def test_the_router_container_command_serves_its_health_endpoints(tmp_path):
     output = process.stdout.read().decode()
     assert code in (0, -signal.SIGTERM), output[-3000:]
     assert "Application shutdown complete" in output, output[-3000:]
+    # It opened its own log, named after the pod, in a folder it created.
+    assert Path(container.local(router_manifests.router_feedback_log(EXPERIMENT, container.pod["name"]))).is_file()
 
 
 def test_the_operator_image_command_starts_the_operator_cli():

@@ -45,7 +45,8 @@ def revision(spec=SPEC) -> str:
 def finished(name: str, state: str = "Complete", minute: int = 0) -> dict:
     created = (NOW + timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"metadata": {"name": name, "creationTimestamp": created},
-            "status": {"conditions": [{"type": state, "status": "True"}], "succeeded": int(state == "Complete")}}
+            "status": {"conditions": [{"type": state, "status": "True"}], "succeeded": int(state == "Complete"),
+                       "completionTime": created}}
 
 
 def trained(recall: float) -> dict:
@@ -163,6 +164,24 @@ def test_the_recall_floor_follows_the_revision_serving_now():
     assert second.status.serving_revision == "ranker-retrain-100"
     outcome = second.status.retrain.history[-1]
     assert outcome.phase == "RolledBack" and "below 0.38 (the serving 0.4" in outcome.message
+
+
+def test_a_succeeded_job_whose_report_is_not_in_its_pod_yet_is_waited_for_then_rolled_back_unmeasured():
+    jobs = [finished("ranker-retrain-100")]
+    early = plan(DIRECT, retrain=RetrainObservation(jobs=jobs, messages={"ranker-retrain-100": {}}),
+                 now=NOW + timedelta(seconds=SETTINGS.metrics_grace_seconds / 2))
+    assert early.status.retrain.last_run is None and early.status.retrain.history is None
+    assert "waiting for its report" in early.status.retrain.last_run_message and early.events == ()
+    # The report arrives: the Job is taken with it.
+    arrived = plan(DIRECT, status=early.status.to_patch(),
+                   retrain=RetrainObservation(jobs=jobs, messages={"ranker-retrain-100": trained(0.31)}))
+    assert arrived.status.serving_revision == "ranker-retrain-100"
+    # It never does: past the grace the revision is rolled back, never served unmeasured.
+    late = plan(DIRECT, retrain=RetrainObservation(jobs=jobs, messages={"ranker-retrain-100": {}}),
+                now=NOW + timedelta(seconds=SETTINGS.metrics_grace_seconds + 1))
+    (entry,) = late.status.retrain.history
+    assert entry.phase == "RolledBack" and "no metrics" in entry.message
+    assert late.status.serving_revision == revision()
 
 
 def test_a_failed_retrain_job_is_a_warning_and_the_serving_revision_stays():

@@ -225,3 +225,14 @@ def test_cli_refuses_a_bad_config_with_exit_code_2(model, tmp_path):
     missing = CliRunner().invoke(cli_app, ["serve", "router", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
     assert CliRunner().invoke(cli_app, ["serve", "router", "--help"]).exit_code == 0
+
+
+def test_cli_refuses_a_feedback_path_it_cannot_write_naming_the_flag(model, tmp_path):
+    _, model_dir, _ = model
+    path = write_config(tmp_path / "router.yaml", router_config(model_dir, tmp_path))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    under_a_file = CliRunner().invoke(cli_app, ["serve", "router", "--config", str(path),
+                                                "--feedback-path", str(tmp_path / "taken" / "feedback.jsonl")])
+    assert under_a_file.exit_code == 2 and "--feedback-path: cannot create" in under_a_file.output
+    folder = CliRunner().invoke(cli_app, ["serve", "router", "--config", str(path), "--feedback-path", str(tmp_path)])
+    assert folder.exit_code == 2 and "--feedback-path:" in folder.output and "is a folder" in folder.output

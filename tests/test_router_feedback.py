@@ -17,6 +17,7 @@ from _router import log_lines, metric, router_config, serving, write_config
 from recops.data.cleaning import clean_events
 from recops.data.io import read_events
 from recops.serving.assignment import ArmWeights, assign
+from recops.serving.router.config import ConfigError
 from recops.serving.triton_server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -68,6 +69,24 @@ async def test_feedback_and_impressions_reach_the_log_that_training_reads(model_
     cleaned = clean_events(raw)
     assert cleaned.rows_kept == 19, cleaned.drops
     assert cleaned.events.filter(cleaned.events["event"] == "purchase")["value"].to_list() == [12.5]
+
+
+async def test_a_feedback_path_override_writes_the_log_there_creating_its_folders(model_dir, tmp_path):
+    path = write_config(tmp_path / "router.yaml", router_config(model_dir, tmp_path))
+    own = tmp_path / "feedback" / "shop" / "exp" / "router-7d9f-abcde" / "feedback.jsonl"  # what a pod is given
+    async with serving(path, feedback_path=own) as (_, client):
+        event = {"user_id": "u1", "item_id": "i1", "event": "click"}
+        assert (await client.post("/v1/feedback", json=event)).json() == {"accepted": 1}
+    assert [line["event"] for line in log_lines(own.parent)] == ["click"]
+    assert not (tmp_path / "log").exists()  # the config's feedback.path is not used
+
+
+async def test_an_unwritable_feedback_path_is_refused_naming_the_flag(model_dir, tmp_path):
+    path = write_config(tmp_path / "router.yaml", router_config(model_dir, tmp_path))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match=r"^--feedback-path: cannot open .*taken/feedback.jsonl"):
+        async with serving(path, feedback_path=tmp_path / "taken" / "feedback.jsonl"):
+            pass
 
 
 async def test_a_full_queue_answers_503_and_every_accepted_event_is_logged(model_dir, tmp_path):

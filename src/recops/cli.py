@@ -472,6 +472,9 @@ def serve_router(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each with its own feedback log file).")] = 1,
+    feedback_path: Annotated[Path | None, typer.Option(
+        help="The feedback log file, instead of the config's feedback.path (the operator gives each router pod "
+             "its own, named after the pod); its folder is created.")] = None,
 ) -> None:
     """Run the A/B router (uvicorn) until SIGTERM/SIGINT; the config file is reloaded when it changes."""
     from recops.serving.router.config import ConfigError, load_config
@@ -480,9 +483,18 @@ def serve_router(
         load_config(config)
     except ConfigError as error:
         raise _fail(str(error)) from None
+    if feedback_path is not None:
+        # Here, before uvicorn starts, so the error is one line rather than a failed ASGI start-up.
+        try:
+            feedback_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _fail(f"--feedback-path: cannot create {feedback_path.parent}: {error.strerror or error}") from None
+        if feedback_path.is_dir() or not os.access(feedback_path.parent, os.W_OK):
+            raise _fail(f"--feedback-path: {feedback_path} is a folder" if feedback_path.is_dir() else
+                        f"--feedback-path: {feedback_path.parent} is not writable")
     from recops.serving.router.server import serve
 
-    serve(config, host=host, port=port, workers=workers)
+    serve(config, host=host, port=port, workers=workers, feedback_path=feedback_path)
 
 
 feedback_app = typer.Typer(help="The router's feedback events: pull them from Kafka for retraining.",

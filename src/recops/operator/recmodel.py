@@ -34,7 +34,7 @@ from recops.operator.manifests.common import Manifest, Owner, artifact_path, art
 from recops.operator.naming import serving_hash, training_revision
 from recops.operator.retrain import RetrainObservation, plan_retrain
 from recops.operator.settings import OperatorSettings
-from recops.operator.termination import numeric, termination_message
+from recops.operator.termination import awaiting_report, numeric, termination_message
 
 TRAINED, DEPLOYED, READY = "Trained", "Deployed", "Ready"
 RECALL_METRIC = "recall@20"
@@ -77,10 +77,6 @@ def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | No
         if condition.get("type") == type_ and condition.get("status") == "True":
             return condition
     return None
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 def trainer_metrics(pods: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -201,11 +197,9 @@ def plan(observation: ModelObservation, settings: OperatorSettings) -> ModelPlan
         return _finish(observation, status, previous_phase, apply=serving)
 
     metrics = trainer_metrics(observation.job_pods)
-    if metrics is None:
-        finished = _parse_time((job.get("status") or {}).get("completionTime")) or observation.now
-        if (observation.now - finished).total_seconds() < settings.metrics_grace_seconds:
-            status.phase("Training", f"Job {job_name} succeeded; waiting for the trainer's metrics")
-            return _finish(observation, status, previous_phase, apply=serving)
+    if metrics is None and awaiting_report(job, observation.now, settings.metrics_grace_seconds):
+        status.phase("Training", f"Job {job_name} succeeded; waiting for the trainer's metrics")
+        return _finish(observation, status, previous_phase, apply=serving)
     if metrics is not None:
         status.value.metrics = metrics
         status.value.recall = metrics.get(RECALL_METRIC)

@@ -32,7 +32,7 @@ from recops.operator.conditions import Event
 from recops.operator.manifests import retrain as manifests
 from recops.operator.manifests.common import Manifest, Owner, artifact_path, artifact_uri
 from recops.operator.settings import OperatorSettings
-from recops.operator.termination import numeric
+from recops.operator.termination import awaiting_report, numeric
 
 RECALL_METRIC = "recall@20"
 HISTORY = 10
@@ -117,7 +117,8 @@ def plan_retrain(owner: Owner, spec: RecModelSpec, base_revision: str, serving_r
         if status.promoted is not None:  # a retrained revision serves: the next one must keep *its* recall
             serving_recall = next((h.recall for h in reversed(status.history or []) if h.revision == status.promoted),
                                   serving_recall)
-        candidate = _take_finished_job(owner, spec, status, observation, serving_recall, settings, record, events)
+        candidate = _take_finished_job(owner, spec, status, observation, serving_recall, now, settings, record,
+                                       events)
 
     serving = status.promoted
     serving_metrics = next((h.metrics for h in reversed(status.history or []) if h.revision == serving), None)
@@ -142,7 +143,7 @@ def _candidate_objects(owner: Owner, spec: RecModelSpec, revision: str, settings
 
 
 def _take_finished_job(owner: Owner, spec: RecModelSpec, status: RetrainStatus, observation: RetrainObservation,
-                       serving_recall: float | None, settings: OperatorSettings, record: Any,
+                       serving_recall: float | None, now: datetime, settings: OperatorSettings, record: Any,
                        events: list[Event]) -> RetrainedRevision | None:
     """Act on the oldest retrain Job that finished since the last one taken; returns the new candidate."""
     assert spec.retrain is not None
@@ -152,12 +153,15 @@ def _take_finished_job(owner: Owner, spec: RecModelSpec, status: RetrainStatus, 
         return None
     job = finished[0]
     name = job["metadata"]["name"]
+    message = (observation.messages or {}).get(name) or {}
+    if _job_state(job) == "Complete" and not message and awaiting_report(job, now, settings.metrics_grace_seconds):
+        status.last_run_message = f"Job {name} succeeded; waiting for its report"
+        return None  # not taken yet: looked at again on the next reconcile
     status.last_run_time, status.last_run = job_key(job)
     if _job_state(job) == "Failed":
         status.last_run_message = f"Job {name} failed; the serving revision stays"
         events.append(Event("Warning", "RetrainFailed", status.last_run_message))
         return None
-    message = (observation.messages or {}).get(name) or {}
     if "skipped" in message:
         status.last_run_message = f"Job {name}: {message['skipped']}"
         return None

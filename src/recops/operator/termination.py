@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 
@@ -23,6 +24,15 @@ def termination_message(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
             if isinstance(message, dict):
                 return message
     return None
+
+
+def awaiting_report(job: Mapping[str, Any], now: datetime, grace_seconds: float) -> bool:
+    """Whether a succeeded Job's pod may still be about to show its report: it finished less than
+    ``grace_seconds`` ago (a kubelet, or kwok in the tests, can post the pod's message after the Job
+    controller counted it)."""
+    text = (job.get("status") or {}).get("completionTime")
+    finished = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else now
+    return (now - finished).total_seconds() < grace_seconds
 
 
 def numeric(values: object, kind: type = float) -> dict[str, Any] | None:

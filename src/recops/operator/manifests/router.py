@@ -11,11 +11,12 @@ import yaml
 from recops.api.recexperiment import RecExperimentSpec
 from recops.experiments.routing import router_config
 from recops.operator.manifests.common import (
-    FEEDBACK_FOLDER,
+    ARTIFACTS_MOUNT,
     Manifest,
     Owner,
     artifacts_volume,
     container_security,
+    feedback_path,
     metadata,
     pod_security,
 )
@@ -24,7 +25,7 @@ from recops.operator.settings import OperatorSettings
 
 CONFIG_FILE = "router.yaml"
 CONFIG_MOUNT = "/etc/recops"
-FEEDBACK_MOUNT = "/var/lib/recops/feedback"
+FEEDBACK_FILE = "feedback.jsonl"
 ROUTER_PORT = 8080
 ROUTER = "router"
 
@@ -39,13 +40,21 @@ def router_address(owner: Owner) -> str:
     return f"{router_name(owner.name)}.{owner.namespace}.svc:{ROUTER_PORT}"
 
 
+def router_feedback_log(owner: Owner, pod: str) -> str:
+    """Where a router pod writes its feedback log: ``<feedback_path(namespace)>/<experiment>/<pod>/``."""
+    return f"{feedback_path(owner.namespace)}/{owner.name}/{pod}/{FEEDBACK_FILE}"
+
+
 def _labels(owner: Owner) -> dict[str, str]:
     return labels(owner.name, ROUTER, **{EXPERIMENT_LABEL: owner.name})
 
 
 def config_document(owner: Owner, spec: RecExperimentSpec, treatment_bp: int, endpoints: Mapping[str, str]) -> str:
     """The router's YAML config at this weight (the ConfigMap's only key)."""
-    config = router_config(owner.name, spec, treatment_bp, endpoints, f"{FEEDBACK_MOUNT}/feedback.jsonl")
+    # Each pod writes its own file instead (--feedback-path, router_feedback_log); this is where a router
+    # started from the document alone would write, in the same folder.
+    config = router_config(owner.name, spec, treatment_bp, endpoints,
+                           f"{feedback_path(owner.namespace)}/{owner.name}/{FEEDBACK_FILE}")
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -70,8 +79,10 @@ def router_deployment(owner: Owner, settings: OperatorSettings) -> Manifest:
         "image": settings.router_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["recops"],
+        # A feedback log per pod (one writer per file), in the namespace's folder that retrain Jobs read;
+        # the kubelet expands $(POD_NAME) in args.
         "args": ["serve", "router", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}", "--host", "0.0.0.0",
-                 "--port", str(ROUTER_PORT)],
+                 "--port", str(ROUTER_PORT), "--feedback-path", router_feedback_log(owner, "$(POD_NAME)")],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", **probe}, "periodSeconds": 10},
@@ -81,10 +92,9 @@ def router_deployment(owner: Owner, settings: OperatorSettings) -> Manifest:
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            # The feedback log on the artifact volume, a folder per pod (one writer per file); retrain
-            # Jobs read the namespace's folder (recops.operator.manifests.common.feedback_path).
-            {"name": "artifacts", "mountPath": FEEDBACK_MOUNT,
-             "subPathExpr": f"{FEEDBACK_FOLDER}/{owner.namespace}/{owner.name}/$(POD_NAME)"},
+            # The whole volume, not a subPathExpr folder: the kubelet creates those root-owned, and the
+            # router (uid RUN_AS_USER) could not write in it. The router creates its own folder.
+            {"name": "artifacts", "mountPath": ARTIFACTS_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }

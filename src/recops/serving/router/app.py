@@ -39,6 +39,8 @@ log = logging.getLogger("recops.router")
 
 CONFIG_ENV = "RECOPS_ROUTER_CONFIG"
 """Config path for :func:`app_from_env` (uvicorn's factory with ``--workers N > 1``)."""
+FEEDBACK_PATH_ENV = "RECOPS_ROUTER_FEEDBACK_PATH"
+"""The ``--feedback-path`` override for :func:`app_from_env`."""
 
 JSON = "application/json"
 RETRY_AFTER = {"Retry-After": "1"}
@@ -309,14 +311,16 @@ async def _http_error(request: Request, error: Exception) -> Response:
     return Refused(error.status_code, str(error.detail), headers=error.headers).response()
 
 
-def create_app(config_path: Path, *, reload_interval_s: float = 1.0) -> Starlette:
+def create_app(config_path: Path, *, reload_interval_s: float = 1.0, feedback_path: Path | None = None) -> Starlette:
     """The router app for a config file; validates the file now (raises ConfigError) and serves it on start-up.
+
+    ``feedback_path`` overrides the config's ``feedback.path``.
 
     Upstreams, the feedback log and the reload watcher start in the ASGI lifespan and stop with it
     (flushing and fsyncing the log), so run it with a lifespan-aware server (uvicorn does).
     """
     load_config(config_path)  # fail here, with the field paths, rather than inside the server
-    runtime = RouterRuntime(config_path, reload_interval_s=reload_interval_s)
+    runtime = RouterRuntime(config_path, reload_interval_s=reload_interval_s, feedback_path=feedback_path)
     handlers = Handlers(runtime)
 
     @asynccontextmanager
@@ -342,4 +346,5 @@ def create_app(config_path: Path, *, reload_interval_s: float = 1.0) -> Starlett
 
 def app_from_env() -> Starlette:
     """``create_app`` for the config named by ``$RECOPS_ROUTER_CONFIG`` (uvicorn factory for several workers)."""
-    return create_app(Path(os.environ[CONFIG_ENV]))
+    feedback_path = os.environ.get(FEEDBACK_PATH_ENV)
+    return create_app(Path(os.environ[CONFIG_ENV]), feedback_path=Path(feedback_path) if feedback_path else None)

@@ -98,8 +98,10 @@ def _timeout_of(key: Hashable) -> float:
 class RouterRuntime:
     """Snapshot, upstream pool, feedback log and metrics of one router process."""
 
-    def __init__(self, config_path: Path, *, reload_interval_s: float = 1.0) -> None:
+    def __init__(self, config_path: Path, *, reload_interval_s: float = 1.0, feedback_path: Path | None = None) -> None:
         self.config_path = config_path
+        self.feedback_path = feedback_path
+        """Overrides the config's ``feedback.path`` (``--feedback-path``: a file per pod, named by the pod)."""
         self.reload_interval_s = reload_interval_s
         self.metrics = RouterMetrics()
         self.snapshot: Snapshot | None = None
@@ -128,7 +130,7 @@ class RouterRuntime:
         self.metrics.config_in_use(config.experiment, digest)
         feedback = config.feedback
         if feedback.enabled:
-            path = feedback.path
+            path = self.feedback_path or feedback.path
             if os.environ.get(PER_WORKER_LOG_ENV) == "1":
                 path = path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")
             target: Path | Sink = path
@@ -151,8 +153,8 @@ class RouterRuntime:
                 await self.log.start()
             except OSError as error:
                 await self.stop()
-                raise ConfigError(f"{self.config_path}: feedback.path: cannot open {path}: "
-                                  f"{error.strerror or error}") from None
+                where = "--feedback-path" if self.feedback_path else f"{self.config_path}: feedback.path"
+                raise ConfigError(f"{where}: cannot open {path}: {error.strerror or error}") from None
             self.log_impressions = feedback.log_impressions
             self.impression_headroom = int(feedback.queue_size * IMPRESSION_HEADROOM)
         watcher = ConfigWatcher(self.config_path, digest, self.apply, self._refused, self.reload_interval_s)

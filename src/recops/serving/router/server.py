@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from recops.serving.router.app import CONFIG_ENV, create_app
+from recops.serving.router.app import CONFIG_ENV, FEEDBACK_PATH_ENV, create_app
 from recops.serving.router.runtime import PER_WORKER_LOG_ENV
 
 
@@ -24,8 +24,10 @@ def _log_config(level: str) -> dict[str, Any]:
 
 
 def serve(config_path: Path, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", feedback_path: Path | None = None) -> None:
     """Serve until SIGTERM/SIGINT; shutdown waits for in-flight requests, then flushes the feedback log.
+
+    ``feedback_path`` overrides the config's ``feedback.path``.
 
     With ``workers > 1`` each worker is a process with its own upstream connections and its own
     feedback log file (``<stem>-<pid><suffix>``); ``/metrics`` sums all workers through
@@ -49,9 +51,11 @@ def serve(config_path: Path, host: str = "127.0.0.1", port: int = 8080, workers:
         "timeout_keep_alive": 75,
     }
     if workers == 1:
-        uvicorn.run(create_app(config_path), **options)
+        uvicorn.run(create_app(config_path, feedback_path=feedback_path), **options)
         return
     os.environ[CONFIG_ENV] = str(config_path.resolve())
+    if feedback_path is not None:
+        os.environ[FEEDBACK_PATH_ENV] = str(feedback_path.resolve())
     os.environ[PER_WORKER_LOG_ENV] = "1"
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recops-router-metrics-")
