@@ -32,12 +32,18 @@ def test_label_values_are_escaped(value, literal):
     assert json.loads(queries.label_value(value)) == value  # and decode back exactly
 
 
-def test_count_queries_use_increase_summed_by_arm():
-    assert queries.impressions_by_arm('e"1', 3600) == (
-        f'sum by (arm) (increase({contract.IMPRESSIONS}{{experiment="e\\"1"}}[3600s]))'
+def _exact_count(selector: str, window: str, by: str) -> str:
+    ranged = f"{selector}[{window}]"
+    return (f"sum by ({by}) (((max_over_time({ranged}) - min_over_time({ranged})) unless resets({ranged}) > 0)"
+            f" or increase({ranged}))")
+
+
+def test_count_queries_are_exact_differences_summed_by_arm_with_increase_only_across_resets():
+    assert queries.impressions_by_arm('e"1', 3600) == _exact_count(
+        f'{contract.IMPRESSIONS}{{experiment="e\\"1"}}', "3600s", "arm"
     )
-    assert queries.feedback_by_arm("e", "click", 90) == (
-        f'sum by (arm) (increase({contract.FEEDBACK}{{experiment="e",event="click"}}[90s]))'
+    assert queries.feedback_by_arm("e", "click", 90) == _exact_count(
+        f'{contract.FEEDBACK}{{experiment="e",event="click"}}', "90s", "arm"
     )
     with pytest.raises(ValueError, match="event must be one of"):
         queries.feedback_by_arm("e", "view", 90)
@@ -48,8 +54,8 @@ def test_latency_and_error_queries():
         "histogram_quantile(0.99, sum by (le) "
         f'(rate({contract.LATENCY}_bucket{{experiment="e",arm="treatment"}}[300s])))'
     )
-    assert queries.requests_by_status("e", "control", 60) == (
-        f'sum by (status) (increase({contract.REQUESTS}{{experiment="e",arm="control"}}[60s]))'
+    assert queries.requests_by_status("e", "control", 60) == _exact_count(
+        f'{contract.REQUESTS}{{experiment="e",arm="control"}}', "60s", "status"
     )
     assert "bad_request" not in queries.ATTEMPT_STATUSES and "overloaded" not in queries.ATTEMPT_STATUSES
 

@@ -26,7 +26,9 @@ HALF = ArmWeights.two_arm(5000)
 BETTER = 'ranker "v2" \\ better é'
 WORSE = "ranker-v2-worse"
 SRM = "ranker-v2-srm"
-EXPERIMENTS = (BETTER, WORSE, SRM)
+EXACT = "ranker-v2-exact"
+RESTARTED = "ranker-v2-restarted"
+EXPERIMENTS = (BETTER, WORSE, SRM, EXACT, RESTARTED)
 
 
 def _gates(*documents: dict) -> list:
@@ -176,6 +178,39 @@ def test_forced_mis_assignment_fails_the_sample_ratio_gate(stack):
     # Against the weights that really produced this split, the same counts pass.
     matching = GateContext(SRM, ArmWeights(arms={"treatment": 6000, "control": 4000}), window=300)
     assert evaluate_gate(_gates(SAMPLE_RATIO)[0], client, matching).verdict is Verdict.SUCCESSFUL
+
+
+def test_counts_are_the_scraped_differences_at_any_evaluation_time(stack):
+    # increase() would stretch the sampled interval to the window's edges (the last scrape was up to a
+    # second ago): a count a few percent high, and a chi-square inflated with it. The gates see exact users.
+    _, _, client = stack
+    users = [f"user-{i}" for i in range(3000)]
+    totals = _serve_and_wait(stack, EXACT, assign_many("salt-4", users, HALF),
+                             {arm: ArmBehaviour(ctr=0.05) for arm in ARMS}, seed=4)
+    context = GateContext(EXACT, HALF, window=300)  # at "now", as the operator evaluates
+    srm, ctr = evaluate_gates(_gates(SAMPLE_RATIO, CTR), client, context)
+    assert srm.details["users"] == totals.users, srm.message
+    for arm in ARMS:
+        assert ctr.details[arm] == {"successes": totals.clicks[arm], "trials": totals.impressions[arm]}
+
+
+def test_a_router_restart_in_the_window_is_counted_across_its_reset(stack):
+    router, prometheus, client = stack
+    arms = assign_many("salt-5", [f"user-{i}" for i in range(2000)], HALF)
+    behaviour = {arm: ArmBehaviour(ctr=0.05) for arm in ARMS}
+    before = _serve_and_wait(stack, RESTARTED, arms[:1000], behaviour, seed=5)
+    for arm in ARMS:  # the restarted router's counters start at 0 again
+        router.users.remove(RESTARTED, arm)
+        router.users.labels(RESTARTED, arm)
+    prometheus.wait_for_values(f"sum by (arm) ({contract.USERS}{{experiment={label_value(RESTARTED)}}})", "arm",
+                               dict.fromkeys(ARMS, 0))
+    after = router.serve(RESTARTED, arms[1000:], behaviour, np.random.default_rng(6))
+    prometheus.wait_for_values(f"sum by (arm) ({contract.USERS}{{experiment={label_value(RESTARTED)}}})", "arm",
+                               after.users)
+    # At the last scrape, from the 0 sample, increase() is exact: what both router lives counted.
+    context = GateContext(RESTARTED, HALF, window=300, time=_last_scrape(prometheus, RESTARTED))
+    srm = evaluate_gate(_gates(SAMPLE_RATIO)[0], client, context)
+    assert srm.details["users"] == {arm: before.users[arm] + after.users[arm] for arm in ARMS}, srm.message
 
 
 def test_an_arm_without_traffic_is_inconclusive_and_bad_queries_are_errors(stack):

@@ -74,8 +74,9 @@ GMV_TAU_RELATIVE = 0.1
 # Cochran's rule: the chi-square approximation behind the SRM p-value wants ≥ 5 expected per cell.
 SRM_MIN_EXPECTED = 5.0
 
-# Extrapolation by increase() can leave successes a hair above trials (see queries); beyond this
-# slack the metrics contradict each other and the gate reports Error instead of guessing.
+# Feedback posted late for an earlier slate, or increase() across a router restart (see queries),
+# can leave successes a hair above trials; beyond this slack the metrics contradict each other and
+# the gate reports Error instead of guessing.
 _COUNT_SLACK = 0.01
 
 
@@ -585,7 +586,7 @@ class _Reader:
 
 
 def _count(value: float, what: str) -> int:
-    """A count from ``increase()``: finite, non-negative, rounded (extrapolation makes it fractional)."""
+    """A count from Prometheus: finite, non-negative, rounded (``increase()`` across a reset is fractional)."""
     if not math.isfinite(value) or value < -0.5:
         raise GateDataError(f"{what} is {value!r}, not a count")
     return max(0, round(value))
@@ -596,7 +597,7 @@ def _rate_counts(successes: float, trials: float, arm: str, event: str) -> RateC
     if s > n:
         if s - n > max(1.0, _COUNT_SLACK * n):
             raise GateDataError(f"{arm} has more {event}s ({s}) than impressions ({n}): the metrics disagree")
-        s = n  # extrapolation noise of increase(), see _COUNT_SLACK
+        s = n  # within _COUNT_SLACK: late feedback or a reset's extrapolation
     return RateCounts(s, n)
 
 

@@ -5,17 +5,20 @@ Pure builders of ``(experiment, arm, window)``; nothing here talks to Prometheus
 (:class:`CounterQuery`, :class:`QuantileQuery`) so that :mod:`recops.experiments.scrape` can
 evaluate the very same query without a Prometheus server and without parsing PromQL.
 
-Counts use ``sum by (arm) (increase(<counter>{experiment="..."}[<window>]))``:
-``increase`` follows counter resets (a router restart starts its counters at 0 again)
-and ``sum`` adds up the router replicas. Two properties of ``increase`` matter:
+Counts are exact differences of scraped values, summed by arm over the router replicas:
+``max_over_time(c[w]) - min_over_time(c[w])`` per series (a counter's last minus its first sample
+in the window), and ``increase(c[w])`` only for a series that reset in the window (a router
+restarted and counted from 0 again: ``increase`` corrects for that). Not ``increase`` everywhere,
+because it extrapolates the sampled interval to the window's edges: over a step window of ``w``
+seconds with scrape interval ``s`` it multiplies every count by up to ``w / (w - s)``, twice the
+users at a first look two seconds into a step. Rates keep their value under that scaling, but the
+sample-ratio check's chi-square grows with it: at 2x its p-values are those of twice the users,
+and a healthy 50/50 split failed ``alpha = 0.001`` about as often as ``alpha = 0.02`` would.
+Exact counts are what :mod:`recops.experiments.scrape` computes too, so both evaluators agree.
 
-* It needs a sample *before* the first event to count that event. The router therefore
-  creates every ``(experiment, arm[, status|event])`` series at 0 when it loads an
-  experiment; a series born non-zero loses what happened before its first scrape.
-* It extrapolates to the window's end (up to ~1.1 scrape intervals), so counts are not
-  integers and run high by at most ``scrape_interval / series age``: under 1% an hour
-  into an experiment with a 15 s scrape. Numerators and denominators of one target are
-  scraped together and scale alike, so rates are unaffected; the gates round counts.
+A counter needs a sample *before* the first event to count that event: the router therefore
+creates every ``(experiment, arm[, status|event])`` series at 0 when it loads an experiment; a
+series born non-zero loses what happened before its first scrape.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _render_selector(metric: str, matchers: Matchers) -> str:
 
 @dataclass(frozen=True)
 class CounterQuery:
-    """``sum [by (<by>)] (increase(<metric>{<matchers>}[<window>]))``: a counter's increase, summed over series.
+    """A counter's increase over the window (exact: last minus first sample), summed over series.
 
     ``matchers`` are label equality matchers (a missing label equals ``""``, as in PromQL); ``by``
     the labels kept by the sum (empty: one total).
@@ -108,10 +111,11 @@ class CounterQuery:
         duration(self.window_seconds)  # refuse bad windows when built, not when sent
 
     def render(self) -> str:
-        """The PromQL text."""
+        """The PromQL text: exact per-series differences, ``increase`` where a series reset (module docstring)."""
         aggregation = f"sum by ({', '.join(self.by)})" if self.by else "sum"
-        counter = _render_selector(self.metric, self.matchers)
-        return f"{aggregation} (increase({counter}[{duration(self.window_seconds)}]))"
+        ranged = f"{_render_selector(self.metric, self.matchers)}[{duration(self.window_seconds)}]"
+        exact = f"(max_over_time({ranged}) - min_over_time({ranged})) unless resets({ranged}) > 0"
+        return f"{aggregation} (({exact}) or increase({ranged}))"
 
 
 @dataclass(frozen=True)
