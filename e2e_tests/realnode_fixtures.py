@@ -27,7 +27,7 @@ import pytest
 
 from e2e_tests.localcluster import ClusterAccess, ClusterError
 from e2e_tests.prerequisites import built_or_unavailable, unavailable, uncaptured
-from e2e_tests.realnode import NAMESPACE_ANNOTATIONS, RealNode, build_node_binaries
+from e2e_tests.realnode import NAMESPACE_ANNOTATIONS, RealNode, binary_image, build_node_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_IMAGES = REPO / "images" / "build-local.sh"
@@ -45,6 +45,7 @@ class NodeImages:
     version: str
     seconds: dict[str, float] = field(default_factory=dict)
     _refs: dict[str, str] = field(default_factory=dict)
+    _archives: dict[str, Path] = field(default_factory=dict)
 
     def ensure(self, name: str) -> str:
         """The image reference of ``operator``, ``trainer`` or ``triton``, present on the node."""
@@ -65,7 +66,28 @@ class NodeImages:
         self.seconds[f"{name} build"] = built - started
         self.seconds[f"{name} import"] = time.monotonic() - built
         self._refs[name] = f"{REGISTRY}/{name}:{self.version}"
+        self._archives[name] = archive
         return self._refs[name]
+
+    def prometheus(self) -> str:
+        """Debian's Prometheus (the binary the host tests run) on the operator image, present on the node.
+
+        No registry serves prom/prometheus here; the binary links only libc, which the operator image has.
+        """
+        if "prometheus" in self._refs:
+            return self._refs["prometheus"]
+        self.ensure("operator")
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("the in-cluster Prometheus needs Debian's prometheus (make system-deps)", pytrace=False)
+        started = time.monotonic()
+        ref = f"{REGISTRY}/e2e-prometheus:{self.version}"
+        archive = binary_image(Path(binary), ref, self.node.work_dir / "prometheus.oci.tar",
+                               base=f"oci-archive:{self._archives['operator']}")
+        self.node.import_image(archive)
+        self.seconds["prometheus image"] = time.monotonic() - started
+        self._refs["prometheus"] = ref
+        return ref
 
 
 @pytest.fixture(scope="session")

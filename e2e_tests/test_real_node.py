@@ -10,13 +10,15 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
-from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL
+from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL, Stack, Traffic, experiment_manifest, finish
 from e2e_tests.chart import CHART, RELEASE, RELEASE_NAMESPACE, helm
 from e2e_tests.localcluster import ClusterAccess, wait_until
 from e2e_tests.realnode import NODE_NAME
@@ -97,6 +99,9 @@ def test_helm_install_runs_the_operator_in_real_pods(cluster, chart, real_module
 # the specs' defaults ask 2 CPUs per container, more than the node has beside the operator.
 TRAINING_RESOURCES = {"cpu": "500m", "memory": "4Gi"}
 SERVING_RESOURCES = {"cpu": "250m", "memory": "4Gi"}
+# The node's kubelet refreshes mounted ConfigMaps on its 10 s pod sync (RealNode); the router then reloads
+# within a second. The chart's default settle (90 s) is sized for the kubelet's default 1 min sync.
+ROUTER_SETTLE_SECONDS = 25
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,8 @@ def chart(cluster, node_images, apply_crds, real_module_namespace) -> Iterator[s
     annotate_for_real_node(cluster, RELEASE_NAMESPACE)
     try:
         helm(cluster, "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-             "--set", f"operator.watchNamespaces={{{real_module_namespace}}}")
+             "--set", f"operator.watchNamespaces={{{real_module_namespace}}}",
+             "--set", f"operator.routerSettleSeconds={ROUTER_SETTLE_SECONDS}", "--set", "router.cpu=100m")
         done = cluster.kubectl("rollout", "status", "deployment/recops", "-n", RELEASE_NAMESPACE, "--timeout=180s",
                                check=False, timeout=200)
         assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{json.dumps(operator_pods(cluster))[-3000:]}"
@@ -214,3 +220,186 @@ def trained_items(model_dir: Path) -> set[str]:
 
 def describe(cluster: ClusterAccess, namespace: str) -> str:
     return cluster.kubectl("describe", "recmodel,rexp,jobs,pods", "-n", namespace, check=False).stdout[-6000:]
+
+
+# Debian's Prometheus (the one these machines have) is built without Kubernetes service discovery, so it
+# finds the router pods as a Prometheus outside the cluster's API would: by DNS, through a headless
+# Service over the router's pods, one A record per ready pod (CoreDNS), each scraped on its own.
+PROMETHEUS_CONFIG = """
+global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: recops-routers
+    dns_sd_configs: [{{names: [{pods}], type: A, port: {port}, refresh_interval: 2s}}]
+"""
+
+
+# One Prometheus for the module's two experiments: the better treatment's and the worse one's.
+BETTER, WORSE = "real-better", "real-worse"
+
+
+def prometheus_manifests(namespace: str, image: str, experiments: Sequence[str]) -> list[dict]:
+    """A Prometheus pod (non-root, read-only root) and its Service, and a headless Service over the router
+    pods the operator will make for each of ``experiments``, for Prometheus to find them by."""
+    from recops.operator.manifests.router import ROUTER, ROUTER_PORT, router_name
+    from recops.operator.naming import selector
+
+    meta = {"name": "prometheus", "namespace": namespace}
+    labels = {"app": "prometheus"}
+    pods = {experiment: f"{router_name(experiment)}-pods" for experiment in experiments}
+    names = ", ".join(f"{service}.{namespace}.svc.cluster.local" for service in pods.values())
+    config = PROMETHEUS_CONFIG.format(pods=names, port=ROUTER_PORT)
+    return [
+        *({"apiVersion": "v1", "kind": "Service", "metadata": {"name": service, "namespace": namespace},
+           "spec": {"clusterIP": "None", "selector": selector(experiment, ROUTER),
+                    "ports": [{"name": "metrics", "port": ROUTER_PORT}]}} for experiment, service in pods.items()),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"prometheus.yml": config}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
+            "replicas": 1, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "automountServiceAccountToken": False,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER},
+                "containers": [{
+                    "name": "prometheus", "image": image, "imagePullPolicy": "Never",
+                    "args": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/data",
+                             "--web.listen-address=:9090"],
+                    "ports": [{"name": "http", "containerPort": 9090}],
+                    "readinessProbe": {"httpGet": {"path": "/-/ready", "port": "http"}, "periodSeconds": 2},
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+                    "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},
+                                     {"name": "data", "mountPath": "/data"}]}],
+                "volumes": [{"name": "config", "configMap": {"name": "prometheus"}},
+                            {"name": "data", "emptyDir": {}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+         "spec": {"selector": labels, "ports": [{"name": "http", "port": 9090, "targetPort": "http"}]}},
+    ]
+
+
+def cluster_ip(cluster: ClusterAccess, namespace: str, service: str) -> str:
+    return cluster.kubectl.json("get", "service", service, "-n", namespace)["spec"]["clusterIP"]
+
+
+def prometheus_query(address: str, promql: str) -> list[dict]:
+    answer = httpx.get(f"http://{address}/api/v1/query", params={"query": promql}, timeout=5)
+    answer.raise_for_status()
+    return answer.json()["data"]["result"]
+
+
+def feedback_lines(folder: Path, event: str) -> int:
+    """Lines of ``event`` in every router pod's feedback log on the artifact volume."""
+    return sum(line.count(f'"event":"{event}"') for path in folder.rglob("feedback*.jsonl*")
+               for line in path.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def in_cluster_prometheus(cluster, node_images, served_models) -> str:
+    """Prometheus in a pod of the module's namespace, ready; its address (ClusterIP:9090) for the test."""
+    namespace = served_models.namespace
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "List",
+        "items": prometheus_manifests(namespace, node_images.prometheus(), (BETTER, WORSE))}))
+    done = cluster.kubectl("rollout", "status", "deployment/prometheus", "-n", namespace, "--timeout=120s",
+                           check=False, timeout=130)
+    assert done.returncode == 0, done.stdout + done.stderr + cluster.kubectl(
+        "describe", "pods", "-l", "app=prometheus", "-n", namespace, check=False).stdout[-4000:]
+    return f"{cluster_ip(cluster, namespace, 'prometheus')}:9090"
+
+
+@pytest.fixture(scope="module")
+def shoppers(served_models) -> Stack:
+    """The simulated shoppers of the shop both models were trained on (same generator, same seed)."""
+    from recops.data.prepare import prepare
+    from recops.data.synthetic import SyntheticConfig, generate
+    from recops.demo.models import SHOP, demo_models, synthetic_data_spec
+    from recops.demo.run import Visitors, visitors
+    from recops.demo.simulation import SimulatedUsers, SyntheticBehaviour
+
+    size = SHOP["quick"]
+    shop = generate(SyntheticConfig(n_users=size["users"], n_items=size["items"], days=size["days"], seed=0))
+    data = demo_models(synthetic_data_spec(quick=True, seed=0), quick=True).control.data
+    users = visitors(SimulatedUsers.from_interactions(prepare(data, seed=0)))
+    return Stack(tritons={}, users=users, behaviour=Visitors(SyntheticBehaviour(shop)), work=served_models.folder)
+
+
+def run_experiment(cluster: ClusterAccess, served_models: ServedModels, prometheus: str, shoppers: Stack,
+                   name: str, control: str, treatment: str) -> tuple[dict, object]:
+    """Apply a RecExperiment, wait for its router pods and for Prometheus to scrape both, send shoppers
+    through the router's Service until it decides; the final status and what the shoppers saw."""
+    namespace = served_models.namespace
+    manifest = experiment_manifest(name, f"http://prometheus.{namespace}.svc:9090")  # cluster DNS, from the operator
+    manifest["spec"].update(control={"model": control}, treatment={"model": treatment})
+    started = time.monotonic()
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    router = f"{name}-router"
+    wait_until(lambda: cluster.kubectl("get", "deployment", router, "-n", namespace, check=False).returncode == 0,
+               timeout=120, what="the operator to create the router Deployment")
+    done = cluster.kubectl("rollout", "status", f"deployment/{router}", "-n", namespace, "--timeout=180s",
+                           check=False, timeout=190)
+    assert done.returncode == 0, done.stdout + done.stderr + describe(cluster, namespace)
+
+    def scraped() -> int:
+        ips = pod_ips(cluster, namespace, name)
+        return len([s for s in prometheus_query(prometheus, 'up{job="recops-routers"}')
+                    if s["metric"]["instance"].rsplit(":", 1)[0] in ips and s["value"][1] == "1"])
+
+    wait_until(lambda: scraped() == 2, timeout=60, what=f"Prometheus to discover and scrape both router pods of {name}")
+    routers_up = time.monotonic() - started
+    traffic = Traffic(f"http://{cluster_ip(cluster, namespace, router)}:8080", shoppers).start()
+    try:
+        status = finish(cluster, namespace, name, timeout=900)
+    finally:
+        result = traffic.stop()
+    print(f"\n{name}: routers scraped {routers_up:.0f} s after apply, {status.get('phase')} "
+          f"{time.monotonic() - started:.0f} s after apply; shoppers: {result.page_views} page views, "
+          f"{sum(arm.clicks for arm in result.arms.values())} clicks")
+    assert status["phase"] in ("Promoted", "RolledBack"), f"{status.get('message')}\n{describe(cluster, namespace)}"
+    # Every click the shoppers had accepted is in the routers' feedback logs, one file per pod.
+    assert result.lost_events == 0, result.errors
+    clicks = sum(arm.clicks for arm in result.arms.values())
+    assert clicks > 0
+    logs = served_models.folder / "feedback" / namespace / name
+    assert len([p for p in logs.iterdir() if p.is_dir()]) == 2
+    wait_until(lambda: feedback_lines(logs, "click") == clicks, timeout=30,
+               what=f"the routers' logs to hold the {clicks} clicks sent",
+               on_timeout=lambda: f"{feedback_lines(logs, 'click')} in the logs")
+    return status, result
+
+
+def pod_ips(cluster: ClusterAccess, namespace: str, experiment: str) -> list[str]:
+    from recops.operator.manifests.router import ROUTER
+    from recops.operator.naming import selector
+
+    labels = ",".join(f"{k}={v}" for k, v in selector(experiment, ROUTER).items())
+    pods = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", labels)["items"]
+    return [pod["status"]["podIP"] for pod in pods if pod["status"].get("podIP")]
+
+
+def decided_steps(status: dict) -> list[int]:
+    return [entry["step"] for entry in status["rollout"]["history"] if entry["decision"] in ("Start", "Advance")]
+
+
+def test_a_recexperiment_promotes_the_better_model_through_real_routers_and_an_in_cluster_prometheus(
+        cluster, served_models, in_cluster_prometheus, shoppers):
+    """RecExperiment → router pods (ConfigMap mounted by the kubelet, a feedback log per pod) → Prometheus in
+    the cluster, finding them through cluster DNS → shoppers through the router's Service → Promoted."""
+    status, _ = run_experiment(cluster, served_models, in_cluster_prometheus, shoppers, BETTER,
+                               control=CONTROL_MODEL, treatment=TREATMENT_MODEL)
+    assert status["phase"] == "Promoted", status.get("message")
+    assert status["winner"] == TREATMENT_MODEL and status["weight"] == 100
+    assert decided_steps(status) == [0, 1, 2]
+    cluster.kubectl("delete", "rexp", BETTER, "-n", served_models.namespace, "--wait=true", timeout=120)
+
+
+def test_a_recexperiment_rolls_back_a_worse_treatment_in_real_pods(cluster, served_models, in_cluster_prometheus,
+                                                                   shoppers):
+    """The same path with the roles swapped (the ID two-tower as the treatment): the gates fail, RolledBack,
+    the treatment's weight back to 0."""
+    status, _ = run_experiment(cluster, served_models, in_cluster_prometheus, shoppers, WORSE,
+                               control=TREATMENT_MODEL, treatment=CONTROL_MODEL)
+    assert status["phase"] == "RolledBack", status.get("message")
+    assert status["weight"] == 0 and status["winner"] == TREATMENT_MODEL  # the control arm's model
+    assert "Failed" in {gate["verdict"] for gate in status["gates"].values()}, status["gates"]
+    router = cluster.kubectl.json("get", "configmap", f"{WORSE}-router", "-n", served_models.namespace)
+    arms = {arm["name"]: arm["weightBp"] for arm in yaml.safe_load(router["data"]["router.yaml"])["arms"]}
+    assert arms == {"treatment": 0, "control": 10_000}  # what the router pods serve now: everyone on control
+    cluster.kubectl("delete", "rexp", WORSE, "-n", served_models.namespace, "--wait=true", timeout=120)
