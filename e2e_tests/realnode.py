@@ -20,6 +20,11 @@ What it does, and why, each step a method of :class:`RealNode`:
    started with ``nsenter --net`` and never ``ip netns exec``, which remounts /sys and hides the cgroup
    mounts ("failed to find cgroup mounts").
 
+A run killed before its teardown (a timeout's SIGKILL, a session's end) leaves the namespace, the veth,
+the pods' processes and cgroups and the kubelet's mounts behind, and the next ``ip netns add`` would fail
+("File exists"). So ``start()`` first reaps whatever a previous node left (:func:`reap_node`; the previous
+work dir is read from ``STATE_FILE``), and the node's own programs die with the process that started them.
+
 Images are imported into containerd's ``k8s.io`` namespace (``import_image``); pods use
 ``imagePullPolicy: Never`` or ``IfNotPresent`` and never reach a registry.
 """
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2e_tests.localcluster import ClusterError, LocalCluster, _Process, wait_until
+from recops.serving.processes import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 BUILD_NODE_SCRIPT = HERE / "cluster" / "build-node.sh"
@@ -44,6 +50,9 @@ HOST_IP, NODE_IP = "10.250.0.1", "10.250.0.2"
 POD_CIDR, SERVICE_CIDR, CLUSTER_DNS = "10.244.0.0/24", "10.96.0.0/16", "10.96.0.10"
 APISERVER_PORT = 6443
 CGROUP_ROOT = "recops-node"
+VETH_HOST, VETH_NODE = "rn-host", "rn-node"
+# The running node's work dir, for the next start to reap it when this run is killed before its teardown.
+STATE_FILE = Path("/run/recops-node.work-dir")
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd")
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
@@ -71,8 +80,6 @@ class RealNode:
     start_timeout: float = 60.0
     startup_seconds: dict[str, float] = field(init=False, default_factory=dict)
     _processes: list[_Process] = field(init=False, default_factory=list)
-    # The named network namespaces before the node started: the pods' (cni-*) are the new ones.
-    _netns_before: set[str] = field(init=False, default_factory=set)
 
     @property
     def socket(self) -> Path:
@@ -80,7 +87,9 @@ class RealNode:
 
     def start(self) -> RealNode:
         started = time.monotonic()
-        self._netns_before = _named_netns()
+        previous = Path(STATE_FILE.read_text().strip()) if STATE_FILE.exists() else None
+        reap_node(NETNS, VETH_HOST, CGROUP_ROOT, previous, listener=f"bind={HOST_IP}")
+        STATE_FILE.write_text(str(self.work_dir))
         try:
             self._network()
             self._apiserver_forward()
@@ -117,40 +126,20 @@ class RealNode:
                 except subprocess.TimeoutExpired:
                     proc.popen.kill()
         self._processes.clear()
-        # The shims and the pods' processes outlive containerd by design: everything in the node's cgroups goes.
-        subprocess.run(["pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*-address {self.socket}"], check=False)
-        for procs in (Path("/sys/fs/cgroup/pids") / CGROUP_ROOT).rglob("cgroup.procs"):
-            for pid in procs.read_text().split():
-                subprocess.run(["kill", "-KILL", pid], capture_output=True, check=False)
-        # The kubelet's volume mounts (projected tokens, emptyDirs) outlive it too.
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.work_dir))]
-        for mount in sorted(mounts, reverse=True):
-            subprocess.run(["umount", "-l", mount], check=False)
-        # The images' unpacked layers (15 GB with the trainer and Triton) and the pods' volumes: pytest keeps
-        # its last three sessions' folders, which would fill the disk. The logs stay.
-        for directory in (self.work_dir / "containerd", self.work_dir / "kubelet"):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
-        # A killed process leaves its cgroup a moment later; the kubelet made one in the cgroup2 "unified" mount too.
-        for controller in (*CGROUP_CONTROLLERS, "unified"):
-            root = Path("/sys/fs/cgroup") / controller / CGROUP_ROOT
-            for directory in [*sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True), root]:
-                wait_until(lambda d=directory: not d.exists() or _rmdir(d), timeout=10, what=f"{directory} to go")
-        for netns in _named_netns() - self._netns_before:
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "del", "rn-host"], capture_output=True, check=False)
+        reap_node(NETNS, VETH_HOST, CGROUP_ROOT, self.work_dir, listener=f"bind={HOST_IP}")
+        STATE_FILE.unlink(missing_ok=True)
 
     # --- the steps --------------------------------------------------------------------------------
 
     def _network(self) -> None:
         for command in (
             f"ip netns add {NETNS}",
-            "ip link add rn-host type veth peer name rn-node",
-            f"ip link set rn-node netns {NETNS}",
-            f"ip addr add {HOST_IP}/30 dev rn-host",
-            "ip link set rn-host up",
-            f"ip -n {NETNS} addr add {NODE_IP}/30 dev rn-node",
-            f"ip -n {NETNS} link set rn-node up",
+            f"ip link add {VETH_HOST} type veth peer name {VETH_NODE}",
+            f"ip link set {VETH_NODE} netns {NETNS}",
+            f"ip addr add {HOST_IP}/30 dev {VETH_HOST}",
+            f"ip link set {VETH_HOST} up",
+            f"ip -n {NETNS} addr add {NODE_IP}/30 dev {VETH_NODE}",
+            f"ip -n {NETNS} link set {VETH_NODE} up",
             f"ip -n {NETNS} link set lo up",
             f"ip netns exec {NETNS} sysctl -qw net.ipv4.ip_forward=1",
             f"ip route add {POD_CIDR} via {NODE_IP}",
@@ -317,15 +306,54 @@ state = "{self.work_dir}/containerd/state"
         # containerd finds its shim on PATH.
         env = {"PATH": f"{self.node_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
         with log.open("ab") as sink:
+            # nsenter execs the program, which keeps the parent-death signal.
             popen = subprocess.Popen([*prefix, *args], stdin=subprocess.DEVNULL, stdout=sink,
-                                     stderr=subprocess.STDOUT, env=env)
+                                     stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         proc = _Process(name, popen, log)
         self._processes.append(proc)
         return proc
 
 
-def _named_netns() -> set[str]:
-    return {path.name for path in Path("/var/run/netns").glob("*")} if Path("/var/run/netns").is_dir() else set()
+def reap_node(netns: str, veth_host: str, cgroup_root: str, work_dir: Path | None, *, listener: str) -> None:
+    """Remove what a node leaves on the host, whether it is being stopped or was killed long ago.
+
+    Kills every process in ``netns`` (containerd, the kubelet, kube-proxy, the shims, which outlive
+    containerd by design) and in the ``cgroup_root`` cgroups (the pods), and the socat whose listen
+    address contains ``listener``; unmounts the kubelet's volumes under ``work_dir`` and deletes the
+    unpacked images there (15 GB with the trainer and Triton; pytest keeps three sessions' folders);
+    removes the cgroups, ``netns``, the pods' ``cni-*`` namespaces left empty and the veth ``veth_host``.
+    The logs stay.
+    Idempotent: on a clean host it does nothing.
+    """
+    netns_dir = Path("/var/run/netns")
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout.split()
+    for procs in (Path("/sys/fs/cgroup/pids") / cgroup_root).rglob("cgroup.procs"):
+        pids += procs.read_text().split()
+    for pid in pids:
+        subprocess.run(["kill", "-KILL", pid], capture_output=True, check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"socat TCP-LISTEN:.*{listener}"], capture_output=True, check=False)
+    if work_dir is not None:
+        subprocess.run(["pkill", "-KILL", "-f", f"containerd-shim-runc-v2 .*-address {work_dir}/containerd.sock"],
+                       capture_output=True, check=False)
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(f"{work_dir}/")]
+        for mount in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        for directory in (work_dir / "containerd", work_dir / "kubelet"):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
+    # A killed process leaves its cgroup a moment later; the kubelet made one in the cgroup2 "unified" mount too.
+    for controller in (*CGROUP_CONTROLLERS, "unified"):
+        root = Path("/sys/fs/cgroup") / controller / cgroup_root
+        for directory in [*sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True), root]:
+            wait_until(lambda d=directory: not d.exists() or _rmdir(d), timeout=10, what=f"{directory} to go")
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+    # The pods' namespaces that no process is in any more (a live node's pods keep their pause process in theirs).
+    for pod_netns in netns_dir.glob("cni-*") if netns_dir.is_dir() else ():
+        if not subprocess.run(["ip", "netns", "pids", pod_netns.name], capture_output=True, text=True,
+                              check=False).stdout.split():
+            subprocess.run(["ip", "netns", "del", pod_netns.name], capture_output=True, check=False)
+    # Deleting the namespace deletes the pair; a veth whose peer never moved there is deleted here.
+    subprocess.run(["ip", "link", "del", veth_host], capture_output=True, check=False)
 
 
 def _rmdir(directory: Path) -> bool:
