@@ -452,3 +452,46 @@ def test_a_recexperiment_rolls_back_a_worse_treatment_in_real_pods(cluster, serv
     arms = {arm["name"]: arm["weightBp"] for arm in yaml.safe_load(router["data"]["router.yaml"])["arms"]}
     assert arms == {"treatment": 0, "control": 10_000}  # what the router pods serve now: everyone on control
     cluster.kubectl("delete", "rexp", WORSE, "-n", served_models.namespace, "--wait=true", timeout=120)
+
+
+# --- Training on two nodes: torchrun's c10d rendezvous over cluster DNS ----------------------------------
+
+TWO_NODE_MODEL = "real-two-node"
+
+
+def test_a_two_node_recmodel_trains_in_two_pods_that_meet_through_cluster_dns(cluster, served_models):
+    """``training.nodes: 2`` → an Indexed Job of two trainer pods under a headless Service; pod 1 finds pod 0
+    at ``<job>-0.<job>.<namespace>.svc`` (CoreDNS), both train their shards with gloo, rank 0 alone exports
+    and reports, and the operator takes its metrics (the control's spec, its serving left to the others)."""
+    from recops.demo.models import demo_models, synthetic_data_spec
+
+    namespace = served_models.namespace
+    spec = demo_models(synthetic_data_spec(quick=True, seed=0), quick=True).control
+    manifest = recmodel_manifest(TWO_NODE_MODEL, spec)
+    manifest["spec"]["training"].update(nodes=2, resources={"cpu": "250m", "memory": "3Gi"})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    started = time.monotonic()
+    try:
+        status = wait_until(
+            lambda: (s := cluster.kubectl.json("get", "recmodel", TWO_NODE_MODEL, "-n", namespace).get("status", {}))
+            .get("metrics") and s, timeout=600, interval=2, what="the two-node RecModel's training metrics",
+            on_timeout=lambda: describe(cluster, namespace))
+        print(f"\n{TWO_NODE_MODEL}: metrics {time.monotonic() - started:.0f} s after apply, phase {status['phase']}")
+        job = status["trainingJob"]
+        pods = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
+        assert sorted(p["spec"]["hostname"] for p in pods) == [f"{job}-0", f"{job}-1"]
+        for pod in pods:
+            assert pod["spec"]["nodeName"] == NODE_NAME
+            (container,) = pod["status"]["containerStatuses"]
+            assert container["state"]["terminated"]["exitCode"] == 0, describe(cluster, namespace)
+        # Rank 0 wrote the one export, which knows it was trained by two processes; rank 1 wrote nothing.
+        exported = list((served_models.folder / namespace / TWO_NODE_MODEL).rglob("metrics.json"))
+        assert len(exported) == 1, exported
+        assert json.loads(exported[0].read_text())["processes"] == 2
+        messages = [p["status"]["containerStatuses"][0]["state"]["terminated"].get("message") for p in pods]
+        assert sum(bool(m) for m in messages) == 1
+        assert status["metrics"]["recall@20"] == pytest.approx(
+            json.loads(next(m for m in messages if m))["metrics"]["recall@20"])
+    finally:
+        cluster.kubectl("delete", "recmodel", TWO_NODE_MODEL, "-n", namespace, "--wait=false", check=False)
+
