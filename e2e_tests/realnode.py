@@ -234,7 +234,51 @@ state = "{self.work_dir}/containerd/state"
             str(self.cluster.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
             f"--node-ip={NODE_IP}", f"--hostname-override={NODE_NAME}", f"--root-dir={self.work_dir / 'kubelet'}",
             f"--node-labels={NODE_LABEL}", f"--register-with-taints={NODE_TAINT}=true:NoSchedule"])
+        self._wait_node_ready(proc)
+        self.startup_seconds["kubelet"] = time.monotonic() - started
 
+    def restart(self, *names: str) -> dict[str, float]:
+        """Stop the node's programs ``names`` (SIGTERM, as systemd would) and start them again with the same
+        command lines, in order, each back before the next: what an upgrade or a crash-loop does to a node.
+        The pods' containers keep running under their shims meanwhile. Returns the seconds each took."""
+        took = {}
+        for name in names:
+            started = time.monotonic()
+            (old,) = [proc for proc in self._processes if proc.name == name]
+            old.popen.terminate()
+            try:
+                old.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                old.popen.kill()
+                old.popen.wait(timeout=10)
+            self._processes.remove(old)
+            self._wait_back(self._spawn(name, list(map(str, old.popen.args)), in_netns=False))  # args hold nsenter
+            took[name] = round(time.monotonic() - started, 1)
+        return took
+
+    def _wait_back(self, proc: _Process) -> None:
+        if proc.name == "containerd":
+            wait_until(lambda: proc.check_alive() or self._containerd_answers(), timeout=self.start_timeout,
+                       what="containerd to answer again", on_timeout=proc.tail)
+        elif proc.name == "kubelet":
+            # The node object still says Ready from before the restart: ask the new kubelet itself first.
+            wait_until(lambda: proc.check_alive() or self._kubelet_healthy(), timeout=self.start_timeout,
+                       what="the kubelet's /healthz", on_timeout=proc.tail)
+            self._wait_node_ready(proc)
+
+    def _containerd_answers(self) -> bool:
+        try:
+            self.ctr("version")
+        except ClusterError:
+            return False
+        return True
+
+    def _kubelet_healthy(self) -> bool:
+        probe = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10248/healthz', timeout=2)"
+        return subprocess.run(["nsenter", f"--net=/var/run/netns/{NETNS}", sys.executable, "-c", probe],
+                              capture_output=True, check=False).returncode == 0
+
+    def _wait_node_ready(self, proc: _Process) -> None:
         last_seen: dict[str, object] = {}
 
         def ready() -> bool:
@@ -252,7 +296,6 @@ state = "{self.work_dir}/containerd/state"
 
         wait_until(ready, timeout=self.start_timeout, what=f"node {NODE_NAME} to be Ready and untainted but for "
                    f"{NODE_TAINT}", on_timeout=lambda: f"last seen: {last_seen}\n{proc.tail()}")
-        self.startup_seconds["kubelet"] = time.monotonic() - started
 
     def _kube_proxy(self) -> None:
         """Services in iptables mode, inside the node's namespace; ``kubernetes`` points at the forward."""

@@ -10,8 +10,9 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,15 @@ import httpx
 import pytest
 import yaml
 
-from e2e_tests.ab import CONTROL_MODEL, TREATMENT_MODEL, Stack, Traffic, experiment_manifest, finish
+from e2e_tests.ab import (
+    CONTROL_MODEL,
+    TREATMENT_MODEL,
+    Stack,
+    Traffic,
+    experiment_manifest,
+    experiment_status,
+    finish,
+)
 from e2e_tests.chart import CHART, RELEASE, RELEASE_NAMESPACE, helm
 from e2e_tests.localcluster import ClusterAccess, wait_until
 from e2e_tests.realnode import CGROUP_CONTROLLERS, NODE_NAME, reap_node
@@ -282,8 +291,9 @@ scrape_configs:
 """
 
 
-# One Prometheus for the module's two experiments: the better treatment's and the worse one's.
-BETTER, WORSE = "real-better", "real-worse"
+# One Prometheus for the module's experiments: the better treatment's, the worse one's, and the better's
+# again through faults.
+BETTER, WORSE, FAULTS = "real-better", "real-worse", "real-faults"
 
 
 def prometheus_manifests(namespace: str, image: str, experiments: Sequence[str]) -> list[dict]:
@@ -346,7 +356,7 @@ def in_cluster_prometheus(cluster, node_images, served_models) -> str:
     namespace = served_models.namespace
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "List",
-        "items": prometheus_manifests(namespace, node_images.prometheus(), (BETTER, WORSE))}))
+        "items": prometheus_manifests(namespace, node_images.prometheus(), (BETTER, WORSE, FAULTS))}))
     done = cluster.kubectl("rollout", "status", "deployment/prometheus", "-n", namespace, "--timeout=120s",
                            check=False, timeout=130)
     assert done.returncode == 0, done.stdout + done.stderr + cluster.kubectl(
@@ -371,12 +381,16 @@ def shoppers(served_models) -> Stack:
 
 
 def run_experiment(cluster: ClusterAccess, served_models: ServedModels, prometheus: str, shoppers: Stack,
-                   name: str, control: str, treatment: str) -> tuple[dict, object]:
+                   name: str, control: str, treatment: str, *, steps: list[dict] | None = None,
+                   during: Callable[[], None] | None = None) -> tuple[dict, object]:
     """Apply a RecExperiment, wait for its router pods and for Prometheus to scrape both, send shoppers
-    through the router's Service until it decides; the final status and what the shoppers saw."""
+    through the router's Service until it decides (``during`` runs meanwhile, the shoppers shopping); the
+    final status and what the shoppers saw."""
     namespace = served_models.namespace
     manifest = experiment_manifest(name, f"http://prometheus.{namespace}.svc:9090")  # cluster DNS, from the operator
     manifest["spec"].update(control={"model": control}, treatment={"model": treatment})
+    if steps is not None:
+        manifest["spec"]["steps"] = steps
     started = time.monotonic()
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     router = f"{name}-router"
@@ -395,6 +409,8 @@ def run_experiment(cluster: ClusterAccess, served_models: ServedModels, promethe
     routers_up = time.monotonic() - started
     traffic = Traffic(f"http://{cluster_ip(cluster, namespace, router)}:8080", shoppers).start()
     try:
+        if during is not None:
+            during()
         status = finish(cluster, namespace, name, timeout=900)
     finally:
         result = traffic.stop()
@@ -454,6 +470,92 @@ def test_a_recexperiment_rolls_back_a_worse_treatment_in_real_pods(cluster, serv
     cluster.kubectl("delete", "rexp", WORSE, "-n", served_models.namespace, "--wait=true", timeout=120)
 
 
+# --- Faults on the real node during a rollout (issue 13, section 4) -------------------------------------
+
+# Longer pauses than the demo's, so that the three faults all land while the experiment is still deciding.
+FAULT_STEPS = [{"weight": 10, "pause": "30s"}, {"weight": 30, "pause": "30s"}, {"weight": 50, "pause": "30s"}]
+
+
+def jobs_of(cluster: ClusterAccess, namespace: str, model: str, component: str = "training") -> list[str]:
+    selector = f"app.kubernetes.io/instance={model},app.kubernetes.io/component={component}"
+    return [job["metadata"]["name"] for job in cluster.kubectl.json("get", "jobs", "-n", namespace, "-l",
+                                                                    selector)["items"]]
+
+
+def serving_pod(cluster: ClusterAccess, namespace: str, model: str) -> dict:
+    (pod,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l",
+                                  f"app.kubernetes.io/component=serving,app.kubernetes.io/instance={model}")["items"]
+    return pod
+
+
+def container_status(pod: dict, name: str) -> dict:
+    return next(c for c in pod["status"]["containerStatuses"] if c["name"] == name)
+
+
+def test_a_rollout_goes_on_to_its_decision_through_an_operator_pod_a_triton_and_the_node_runtime_dying(
+        cluster, real_node, served_models, in_cluster_prometheus, shoppers):
+    """The better treatment's rollout again, with three faults while the shoppers shop: at step 0 every operator
+    pod is deleted (the Deployment's new pods resume the step machine from the status); at step 1 the control's
+    ``tritonserver`` is SIGKILLed (the kubelet restarts the container, which loads the ensemble on disk again);
+    at step 2 containerd and then the kubelet are restarted (the pods' containers run on under their shims).
+    The decision is the same (Promoted), each model still has its one training Job, and every click the
+    shoppers had accepted is in the routers' logs.
+
+    The control's Triton, not the treatment's: with one replica, the treatment's answers fail while it restarts,
+    and its errorRate gate rightly rolls the experiment back (a user runs two replicas to ride that out)."""
+    namespace = served_models.namespace
+    jobs = {model: jobs_of(cluster, namespace, model) for model in (CONTROL_MODEL, TREATMENT_MODEL)}
+    survived: dict[str, object] = {}
+
+    def at_step(step: int) -> dict:
+        status = wait_until(lambda: (s := experiment_status(cluster, namespace, FAULTS)).get("currentStep", -1) >= step
+                            and s, timeout=300, interval=1, what=f"{FAULTS} to reach step {step}",
+                            on_timeout=lambda: describe(cluster, namespace))
+        assert status["phase"] == "Progressing", status  # the fault lands before the decision
+        return status
+
+    def faults() -> None:
+        at_step(0)
+        started = time.monotonic()
+        before = {pod["metadata"]["uid"] for pod in operator_pods(cluster)["items"]}
+        cluster.kubectl("delete", "pods", "-n", RELEASE_NAMESPACE, "-l", "app.kubernetes.io/name=recops-operator",
+                        "--wait=false")
+
+        def replaced() -> bool:
+            new = [pod for pod in operator_pods(cluster)["items"] if pod["metadata"]["uid"] not in before]
+            return len(new) == 2 and all(c["ready"] for pod in new for c in pod["status"].get("containerStatuses",
+                                                                                               [{"ready": False}]))
+
+        wait_until(replaced, timeout=180, interval=1, what="the operator Deployment's two new pods to be ready")
+        survived["operator pods back (s)"] = round(time.monotonic() - started, 1)
+
+        at_step(1)
+        started = time.monotonic()
+        triton = container_status(serving_pod(cluster, namespace, CONTROL_MODEL), "triton")
+        real_node.ctr("tasks", "kill", "--signal", "SIGKILL", triton["containerID"].removeprefix("containerd://"))
+        wait_until(lambda: (c := container_status(serving_pod(cluster, namespace, CONTROL_MODEL), "triton"))
+                   ["restartCount"] == triton["restartCount"] + 1 and c["ready"], timeout=240, interval=1,
+                   what="the control's Triton container to be restarted and ready")
+        survived["control's Triton ready again (s)"] = round(time.monotonic() - started, 1)
+
+        at_step(2)
+        survived["restarted (s)"] = real_node.restart("containerd", "kubelet")
+
+    status, result = run_experiment(cluster, served_models, in_cluster_prometheus, shoppers, FAULTS,
+                                    control=CONTROL_MODEL, treatment=TREATMENT_MODEL, steps=FAULT_STEPS,
+                                    during=faults)
+    print(f"{FAULTS}: {survived}; shoppers' errors {dict(result.errors)}")
+    assert status["phase"] == "Promoted", status.get("message")
+    assert status["winner"] == TREATMENT_MODEL and decided_steps(status) == [0, 1, 2]
+    assert {model: jobs_of(cluster, namespace, model) for model in jobs} == jobs  # no Job made twice
+    # Nothing that ran on the node was restarted by the runtime's restarts: only the killed Triton container.
+    for model in jobs:
+        pod = serving_pod(cluster, namespace, model)
+        assert container_status(pod, "reloader")["restartCount"] == 0
+        assert container_status(pod, "triton")["restartCount"] == (1 if model == CONTROL_MODEL else 0)
+    cluster.kubectl("delete", "rexp", FAULTS, "-n", namespace, "--wait=true", timeout=120)
+
+
 # --- Training on two nodes: torchrun's c10d rendezvous over cluster DNS ----------------------------------
 
 TWO_NODE_MODEL = "real-two-node"
@@ -495,3 +597,119 @@ def test_a_two_node_recmodel_trains_in_two_pods_that_meet_through_cluster_dns(cl
     finally:
         cluster.kubectl("delete", "recmodel", TWO_NODE_MODEL, "-n", namespace, "--wait=false", check=False)
 
+
+
+# --- Continuous learning: a retrain Job from the CronJob, hot-reloaded by the reloader sidecar ----------
+
+
+def later_shop_events(days: int = 2) -> object:
+    """The quick shop's last ``days`` of events replayed as the days after its log ends: feedback in the
+    shop's own shape (its users, devices and event mix), which the retrain's feature check accepts.
+
+    Not the routers' logs of the experiments above: their shoppers visit under ``U00042~7`` visitor ids
+    (each shopper several times, for the A/B statistics) and send no device, and ``recops retrain`` rightly
+    refuses a log whose identifiers changed shape and that lacks a training column."""
+    import polars as pl
+
+    from recops.data.synthetic import SyntheticConfig, generate
+    from recops.demo.models import SHOP
+
+    size = SHOP["quick"]
+    events = generate(SyntheticConfig(n_users=size["users"], n_items=size["items"], days=size["days"],
+                                      seed=0)).events
+    end = events["timestamp"].max()
+    return events.filter(pl.col("timestamp") > end - days * 86_400).with_columns(
+        pl.col("timestamp") + size["days"] * 86_400)
+
+
+class Requests:
+    """Recommendations asked of one Triton address in a loop, in a thread, until stopped: answered or not."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.answered, self.failures = address, 0, []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from recops.serving.triton_client import TritonRecommender
+
+        async def loop() -> None:
+            client = TritonRecommender(self.address, timeout_s=30)
+            while not self._stop.is_set():
+                try:
+                    answer = await client.recommend("U00001", [], 10, None)
+                    assert len(answer.item_ids) == 10
+                    self.answered += 1
+                except Exception as error:  # counted and reported: a dropped request fails the test
+                    self.failures.append(repr(error))
+                await asyncio.sleep(0.05)
+
+        asyncio.run(loop())
+
+    def __enter__(self) -> Requests:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(timeout=60)
+
+
+def test_a_retrain_job_from_the_cronjob_is_hot_reloaded_with_no_pod_restarted(cluster, served_models):
+    """``spec.retrain`` (rollout: direct) on the serving control → its CronJob; a Job made from it, as a user
+    would (``kubectl create job --from=cronjob/...``), retrains in the trainer image from the serving revision
+    and the feedback on the volume → the operator points the Triton pods' revision.json at it → the reloader
+    sidecar loads it into the running Triton: the same pod, no container restarted, every request meanwhile
+    answered, and Triton's repository holding the new revision's steps only."""
+    from recops.operator.manifests.retrain import cronjob_name
+    from recops.serving.repository import revision_suffix
+
+    namespace = served_models.namespace
+    feedback = served_models.folder / namespace / "shop-feedback.jsonl"
+    later_shop_events().write_ndjson(feedback)
+    base = cluster.kubectl.json("get", "recmodel", CONTROL_MODEL, "-n", namespace)["status"]
+    pod = serving_pod(cluster, namespace, CONTROL_MODEL)
+    restarts = {c["name"]: c["restartCount"] for c in pod["status"]["containerStatuses"]}
+    cluster.kubectl("patch", "recmodel", CONTROL_MODEL, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {
+        "retrain": {"schedule": "@hourly", "rollout": "direct", "minNewEvents": 100,
+                    "feedback": f"pvc://recops-artifacts/{namespace}/{feedback.name}"}}}))
+    cronjob = cronjob_name(CONTROL_MODEL)
+    wait_until(lambda: cluster.kubectl("get", "cronjob", cronjob, "-n", namespace, check=False).returncode == 0,
+               timeout=60, what="the operator to create the retrain CronJob")
+    job = f"{cronjob}-now"
+    service = cluster_ip(cluster, namespace, base["endpoint"].split(".")[0])
+    started = time.monotonic()
+    with Requests(f"{service}:8001") as requests:
+        cluster.kubectl("create", "job", job, f"--from=cronjob/{cronjob}", "-n", namespace)
+        status = wait_until(
+            lambda: (s := cluster.kubectl.json("get", "recmodel", CONTROL_MODEL, "-n", namespace)["status"])
+            .get("servingRevision") == job and s, timeout=600, interval=2,
+            what="the retrained revision to be the one served", on_timeout=lambda: describe(cluster, namespace))
+        reloaded = wait_until(lambda: (names := triton_models(pod)) and all(revision_suffix(job) in name
+                                                                             for name in names) and names,
+                              timeout=120, interval=1, what="the reloader to load the retrained revision",
+                              on_timeout=lambda: f"{triton_models(pod)}\n" + cluster.kubectl(
+                                  "logs", pod["metadata"]["name"], "-c", "reloader", "-n", namespace,
+                                  check=False).stdout[-3000:])
+        time.sleep(2)  # requests on the new revision too
+    print(f"\nretrain {job}: served {time.monotonic() - started:.0f} s after the Job was made; Triton holds "
+          f"{reloaded}; {requests.answered} requests answered meanwhile, {len(requests.failures)} failed")
+    assert status["phase"] == "Ready" and status["retrain"]["history"][-1]["phase"] == "Promoted", status["retrain"]
+    assert status["retrain"]["history"][-1]["events"]["new"] > 100
+    assert requests.failures == [] and requests.answered > 0
+    after = serving_pod(cluster, namespace, CONTROL_MODEL)
+    assert after["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert {c["name"]: c["restartCount"] for c in after["status"]["containerStatuses"]} == restarts
+    # The retrain pod ran on the node, in the trainer image, and wrote the new revision beside the base's.
+    (retrain_pod,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
+    assert retrain_pod["spec"]["nodeName"] == NODE_NAME
+    assert (served_models.folder / namespace / CONTROL_MODEL / job / "retrain.json").is_file()
+
+
+def triton_models(pod: dict) -> list[str]:
+    """The revision step models loaded (READY) in a Triton pod, by its repository index over the pod network."""
+    from recops.serving.contract import ENSEMBLE
+
+    answer = httpx.post(f"http://{pod['status']['podIP']}:8000/v2/repository/index", json={"ready": True}, timeout=5)
+    answer.raise_for_status()
+    return sorted(m["name"] for m in answer.json() if m["name"] != ENSEMBLE)
