@@ -22,6 +22,7 @@ import yaml
 
 from e2e_tests.ab import (
     CONTROL_MODEL,
+    TERMINAL,
     TREATMENT_MODEL,
     Stack,
     Traffic,
@@ -508,10 +509,11 @@ def test_a_rollout_goes_on_to_its_decision_through_an_operator_pod_a_triton_and_
     survived: dict[str, object] = {}
 
     def at_step(step: int) -> dict:
-        status = wait_until(lambda: (s := experiment_status(cluster, namespace, FAULTS)).get("currentStep", -1) >= step
-                            and s, timeout=300, interval=1, what=f"{FAULTS} to reach step {step}",
-                            on_timeout=lambda: describe(cluster, namespace))
-        assert status["phase"] == "Progressing", status  # the fault lands before the decision
+        status = wait_until(lambda: ((s := experiment_status(cluster, namespace, FAULTS)).get("currentStep", -1) >= step
+                                     or s.get("phase") in TERMINAL) and s, timeout=300, interval=1,
+                            what=f"{FAULTS} to reach step {step}",
+                            on_timeout=lambda: json.dumps(experiment_status(cluster, namespace, FAULTS), indent=1))
+        assert status["phase"] == "Progressing", (survived, status)  # the fault lands before the decision
         return status
 
     def faults() -> None:

@@ -176,6 +176,29 @@ def test_a_lost_control_fails_the_experiment_and_writes_no_router():
     assert plan.status.phase == "Failed" and plan.apply == ()
 
 
+def arm_urls(plan) -> dict[str, str]:
+    config = yaml.safe_load(plan.apply[0]["data"]["router.yaml"])
+    return {arm["name"]: arm["triton"]["url"] for arm in config["arms"]}
+
+
+def test_a_model_whose_triton_pods_restart_holds_the_step_and_keeps_its_own_arm():
+    """Found on the real node: a killed control Triton put its RecModel back to Deploying, and the experiment
+    Failed ("the control RecModel is not Ready"). A model that serves but is not Ready now holds the step (no
+    look, weights kept); each arm keeps its own Service, never the other model's."""
+    start, _ = reconcile({}, T0)
+    for role in ("control", "treatment"):
+        name = "v1" if role == "control" else "v2"
+        plan, prepared = reconcile(start.status.to_patch(), T0 + timedelta(seconds=75), (S, S),
+                                   **{role: model(name, "Deploying")})
+        assert plan.status.phase == "Progressing" and not prepared.look_due
+        assert plan.status.message.startswith(f"holding: the {role} RecModel {name!r} is not Ready")
+        assert weight_in(plan) == 1_000 and plan.status.current_step == 0
+        assert arm_urls(plan) == {"treatment": "v2-triton.shop.svc:8001", "control": "v1-triton.shop.svc:8001"}
+    # Ready again: the look happens and the ramp goes on.
+    plan, prepared = reconcile(start.status.to_patch(), T0 + timedelta(seconds=75), (S, UNDECIDED))
+    assert prepared.look_due and plan.status.current_step == 1 and not plan.status.message.startswith("holding")
+
+
 def test_operator_metrics_follow_the_status():
     from prometheus_client import CollectorRegistry, generate_latest
 

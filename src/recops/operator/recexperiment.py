@@ -91,6 +91,24 @@ def _model_endpoint(model: Mapping[str, Any] | None) -> str | None:
     return status.get("endpoint") if status.get("phase") == "Ready" else None
 
 
+def _serving_endpoint(model: Mapping[str, Any] | None) -> str | None:
+    """The model's Service while it serves: Ready, or Deploying again after it was (its Triton pods restarting
+    or rolling). The Service's name does not change meanwhile, so the router keeps it: routing the arm's users
+    elsewhere would mix another model's answers into the arm."""
+    status = (model or {}).get("status") or {}
+    return status.get("endpoint") if status.get("phase") in ("Ready", "Deploying") else None
+
+
+def _unavailable(observation: ExperimentObservation) -> str | None:
+    """Why the step must hold now: an arm's model serves but is not Ready (no look, weights unchanged)."""
+    for role, model in ((CONTROL, observation.control), (TREATMENT, observation.treatment)):
+        status = (model or {}).get("status") or {}
+        if status.get("phase") == "Deploying" and status.get("endpoint"):
+            name = (model or {}).get("metadata", {}).get("name", "?")
+            return f"holding: the {role} RecModel {name!r} is not Ready ({status.get('message') or 'Deploying'})"
+    return None
+
+
 def _waiting_for(spec: RecExperimentSpec, observation: ExperimentObservation) -> str | None:
     for role, ref, model in ((CONTROL, spec.control, observation.control),
                              (TREATMENT, spec.treatment, observation.treatment)):
@@ -128,7 +146,8 @@ def prepare(observation: ExperimentObservation) -> Prepared:
     if resume and resume != (observation.status or {}).get("resumed"):
         state = rollout.resume(state, now)
     due = rollout.next_look_at(spec, state)
-    return Prepared(spec, state, look_due=due is not None and due <= now and _treatment_problem(observation) is None)
+    return Prepared(spec, state, look_due=due is not None and due <= now and _treatment_problem(observation) is None
+                    and _unavailable(observation) is None)
 
 
 def look_context(prepared: Prepared, observation: ExperimentObservation) -> GateContext:
@@ -189,10 +208,11 @@ def plan(
         # The new step's window opens once routers serve the new weights (ConfigMap sync, reload, scrapes).
         state = rollout.weights_applied(state, now + settings.router_settle_seconds)
 
-    endpoints = {TREATMENT: _model_endpoint(observation.treatment) or "", CONTROL: _model_endpoint(observation.control)}
+    endpoints = {TREATMENT: _serving_endpoint(observation.treatment) or "",
+                 CONTROL: _serving_endpoint(observation.control)}
     if not endpoints[CONTROL]:
         # The control is what users fall back on; without it there is nothing safe to route to.
-        state = rollout.fail(state, now, f"the control RecModel {spec.control.model!r} is not Ready")
+        state = rollout.fail(state, now, f"the control RecModel {spec.control.model!r} is not serving")
         weight = rollout.treatment_weight_bp(spec, state)
     objects: tuple[Manifest, ...] = ()
     if endpoints[CONTROL]:
@@ -211,6 +231,9 @@ def plan(
     status.winner = {rollout.Phase.PROMOTED: spec.treatment.model,
                      rollout.Phase.ROLLED_BACK: spec.control.model}.get(state.phase)
     status.message = state.message
+    holding = None if state.terminal else _unavailable(observation)
+    if holding:
+        status.message = holding
     status.rollout = state.to_status()
     if observation.annotations.get(RESUME_ANNOTATION):
         status.resumed = observation.annotations[RESUME_ANNOTATION]
