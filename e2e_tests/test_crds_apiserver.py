@@ -75,6 +75,8 @@ MALFORMED = [
     (_set(GOOD_MODEL, "spec.data.source", "kafka"), "spec.data.source"),
     (_set(GOOD_MODEL, "spec.data.source", "events"), "spec.data"),  # events needs both URIs
     (_set(GOOD_MODEL, "spec.data", {"source": "movielens"}), "spec.data.movielensDir"),
+    (_set(GOOD_MODEL, "spec.data", {"source": "amazon-beauty"}), "spec.data.amazonBeautyDir"),
+    (_set(GOOD_MODEL, "spec.data", {"source": "amazon-beauty", "amazonBeautyDir": "/data"}), "spec.data.split"),
     (_set(GOOD_MODEL, "spec.data.split", "random"), "spec.data.split"),
     (_set(GOOD_MODEL, "spec.data.cleaning", {"windowStart": 100, "windowEnd": 50}), "spec.data.cleaning.windowEnd"),
     (_set(GOOD_MODEL, "spec.data.coldItemFraction", 0.9), "spec.data.coldItemFraction"),

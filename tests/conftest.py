@@ -31,6 +31,18 @@ def ml100k() -> Path:
 
 
 @pytest.fixture(scope="session")
+def amazon_beauty() -> Path:
+    """Amazon Beauty 5-core: $RECOPS_AMAZON_BEAUTY_DIR, else ../shared/data/amazon-beauty beside the checkout."""
+    folder = Path(os.environ.get("RECOPS_AMAZON_BEAUTY_DIR", REPO.parent / "shared" / "data" / "amazon-beauty"))
+    if not (folder / "user_sequence.txt").is_file():
+        # Its licence forbids shipping it; CI has a copy, so there this never skips.
+        if os.environ.get("RECOPS_REQUIRE_AMAZON_BEAUTY") == "1":
+            pytest.fail(f"RECOPS_REQUIRE_AMAZON_BEAUTY=1 but no Amazon Beauty at {folder}")
+        pytest.skip("Amazon Beauty not present (licence forbids redistribution; set RECOPS_AMAZON_BEAUTY_DIR)")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def small_synthetic():
     """A small synthetic log (a few thousand events) shared by data tests."""
     from recops.data.synthetic import SyntheticConfig, generate

@@ -41,6 +41,27 @@ def test_quality_benchmark_on_synthetic_baselines(tmp_path):
     assert report["peak_rss_mb"] > 0 and report["seconds"] > 0
 
 
+def test_quality_benchmark_leave_one_out_reports_the_papers_cut_offs(tmp_path):
+    report = _load("quality").main(
+        ["--dataset", "synthetic", "--protocol", "loo", "--models", "pop,itemcf", "--out", str(tmp_path / "q.json")]
+    )
+    assert report["protocol"] == "loo" and report["data"]["valid"] == report["data"]["test"]  # one item per user
+    for metrics in report["models"].values():
+        recall, ndcg = ([metrics[f"{m}@{k}"] for k in (5, 10, 20)] for m in ("recall", "ndcg"))
+        assert recall == sorted(recall) and ndcg == sorted(ndcg) and recall[-1] > 0
+        # One held-out item per user: its NDCG@K is at most its hit rate, equal only if always ranked first.
+        assert all(n <= r for n, r in zip(ndcg, recall, strict=True))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--dataset", "amazon-beauty"], "--dataset amazon-beauty needs --data-dir"),
+    (["--dataset", "amazon-beauty", "--data-dir", "x", "--protocol", "time"], "no timestamps: --protocol loo"),
+])
+def test_quality_benchmark_amazon_beauty_flags(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        _load("quality").main([*flags, "--out", str(tmp_path / "q.json")])
+
+
 def test_quality_benchmark_refuses_unknown_models(tmp_path):
     with pytest.raises(SystemExit):
         _load("quality").main(["--models", "pop,sasrec", "--out", str(tmp_path / "q.json")])

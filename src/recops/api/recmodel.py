@@ -69,6 +69,9 @@ class SyntheticDataSpec(SpecModel):
     seed: int = Field(0, ge=0)
 
 
+AMAZON_BEAUTY_SPLIT = "source 'amazon-beauty' has no timestamps, only each user's order: split 'loo' or 'recbole'"
+
+
 class DataSpec(SpecModel):
     """Where the events and the catalog come from, and how they are split."""
 
@@ -77,18 +80,28 @@ class DataSpec(SpecModel):
          "source 'events' needs both 'events' and 'items' URIs", ".source"),
         ("!has(self.source) || self.source != 'movielens' || has(self.movielensDir)",
          "source 'movielens' needs 'movielensDir'", ".movielensDir"),
+        ("!has(self.source) || self.source != 'amazon-beauty' || has(self.amazonBeautyDir)",
+         "source 'amazon-beauty' needs 'amazonBeautyDir'", ".amazonBeautyDir"),
+        ("!has(self.source) || self.source != 'amazon-beauty' || (has(self.split) && self.split != 'time')",
+         AMAZON_BEAUTY_SPLIT, ".split"),
     ))
 
-    source: Literal["events", "synthetic", "movielens"] = Field(
-        "events", description="events: the files below; synthetic: the built-in generator; movielens: ML-100K files."
+    source: Literal["events", "synthetic", "movielens", "amazon-beauty"] = Field(
+        "events", description="events: the files below; synthetic: the built-in generator; movielens: ML-100K files; "
+        "amazon-beauty: Amazon Beauty 5-core files."
     )
     events: str | None = Field(None, max_length=2048, description="Event log URI: file://, pvc://claim/path or s3://.")
     items: str | None = Field(None, max_length=2048, description="Item catalog URI (JSONL, CSV or Parquet).")
     movielens_dir: str | None = Field(None, max_length=2048, description="Folder with u.data, u.item, u.user.")
+    amazon_beauty_dir: str | None = Field(
+        None, max_length=2048,
+        description="Folder with user_sequence.txt, item_id_to_int.json and products_lookup.csv.",
+    )
     synthetic: SyntheticDataSpec = Field(default_factory=SyntheticDataSpec)
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec)
-    split: Literal["time", "recbole"] = Field(
-        "time", description="time: global cut at 80%/90% of the timeline; recbole: random 8:1:1 per user."
+    split: Literal["time", "recbole", "loo"] = Field(
+        "time", description="time: global cut at 80%/90% of the timeline; recbole: random 8:1:1 per user; "
+        "loo: leave-one-out per user (the last engagement is test, the one before valid).",
     )
     cold_item_fraction: float = Field(
         0.05, ge=0, le=0.5, description="recbole split only: items held out of training and evaluated as cold."
@@ -103,6 +116,10 @@ class DataSpec(SpecModel):
             raise ValueError("source 'events' needs both 'events' and 'items' URIs")
         if self.source == "movielens" and not self.movielens_dir:
             raise ValueError("source 'movielens' needs 'movielensDir'")
+        if self.source == "amazon-beauty" and not self.amazon_beauty_dir:
+            raise ValueError("source 'amazon-beauty' needs 'amazonBeautyDir'")
+        if self.source == "amazon-beauty" and self.split == "time":
+            raise ValueError(AMAZON_BEAUTY_SPLIT)
         return self
 
 

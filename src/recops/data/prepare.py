@@ -16,7 +16,7 @@ from recops.data.interactions import InteractionData
 from recops.data.io import read_events, read_items, typed_items
 from recops.data.schema import item_text
 from recops.data.sessions import engagements
-from recops.data.splits import SplitFrames, recbole_split, time_split
+from recops.data.splits import SplitFrames, leave_one_out_split, recbole_split, time_split
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def source_logs(spec: DataSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
 
         assert spec.movielens_dir is not None  # the spec validator guarantees it
         raw_events, items = load_movielens(spec.movielens_dir)
+    elif spec.source == "amazon-beauty":
+        from recops.data.amazon_beauty import load_amazon_beauty
+
+        assert spec.amazon_beauty_dir is not None  # the spec validator guarantees it
+        raw_events, items = load_amazon_beauty(spec.amazon_beauty_dir)
     else:
         assert spec.events is not None and spec.items is not None
         items = read_items(spec.items)
@@ -84,8 +89,11 @@ def index_logs(
     elif split == "time":
         parts = time_split(engaged)
         exposure_before = parts.valid["timestamp"].min() if parts.valid.height else None
+    elif split == "loo":
+        parts = leave_one_out_split(engaged)
+        exposure_before = None
     else:
-        raise ValueError(f"unknown split {split!r}: expected 'time' or 'recbole'")
+        raise ValueError(f"unknown split {split!r}: expected 'time', 'recbole' or 'loo'")
 
     items = logs.items.with_columns(item_text(logs.items).alias("text")).with_row_index("item_idx")
     users = engaged.select("user_id").unique().sort("user_id").with_row_index("user_idx")

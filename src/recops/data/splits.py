@@ -110,3 +110,24 @@ def time_split(engagements: pl.DataFrame, valid_at: float = 0.8, test_at: float 
         cold_items=cold_items,
         dropped_cold_valid=valid_all.height - valid.height,
     )
+
+
+def leave_one_out_split(engagements: pl.DataFrame) -> SplitFrames:
+    """Leave-one-out, as sequential recommenders report: per user, the last engagement is test, the one
+    before it valid, the rest train (users with fewer than three engage in train only, as SASRec's code
+    does). Order is each user's time order, ties broken by item id. No item is cold: every split is warm.
+    """
+    ordered = engagements.sort("user_id", "timestamp", "item_id")
+    ranked = ordered.with_columns(
+        (pl.len().over("user_id") - 1 - pl.int_range(pl.len()).over("user_id")).alias("_from_end"),
+        pl.len().over("user_id").alias("_n"),
+    )
+    held_out = pl.col("_n") >= 3
+    columns = engagements.columns
+    return SplitFrames(
+        train=ranked.filter(~held_out | (pl.col("_from_end") >= 2)).select(columns),
+        valid=ranked.filter(held_out & (pl.col("_from_end") == 1)).select(columns),
+        test=ranked.filter(held_out & (pl.col("_from_end") == 0)).select(columns),
+        cold_test=ordered.clear(),
+        cold_items=[],
+    )

@@ -311,7 +311,7 @@ def evaluate(
     for ``split="test"``, valid items too, as RecBole does); ground truth is the
     split's frame. As in RecBole, a ground-truth item the user already had in a
     masked split stays in the recall denominator but can never be a hit. Keys
-    ``recall@K`` for every K in ``ks``, ``ndcg@K0`` and ``mrr@K0`` for the
+    ``recall@K`` and ``ndcg@K`` for every K in ``ks``, ``mrr@K0`` for the
     smallest cut-off K0, and ``users`` (users evaluated).
 
     Cold (only when ``data`` has cold items): the cold items are ranked with the
@@ -344,7 +344,7 @@ def evaluate(
         scorer, data.n_items, data.matrix(frame), known, np.flatnonzero(data.warm_mask), cutoffs, warm_rng
     )
     results = {f"recall@{k}": warm[f"recall@{k}"] for k in cutoffs}
-    results[f"ndcg@{head}"] = warm[f"ndcg@{head}"]
+    results.update({f"ndcg@{k}": warm[f"ndcg@{k}"] for k in cutoffs})
     results[f"mrr@{head}"] = warm[f"mrr@{head}"]
     results["users"] = warm["users"]
 

@@ -31,7 +31,7 @@ from recops.models.baselines import make_baseline
 from recops.models.two_tower import TwoTowerModel
 from recops.training.distillation import TeacherError
 from recops.training.distributed import start, stop, world_from_env
-from recops.training.evaluation import evaluate
+from recops.training.evaluation import DEFAULT_KS, evaluate
 from recops.training.export import export_model
 from recops.training.report import write_report
 from recops.training.trainer import CheckpointMismatch, ModelScorer, TrainResult, train, training_device
@@ -42,15 +42,16 @@ class TrainingFailed(RuntimeError):
     """A run that cannot go on; the message says why (bad data, backbone, checkpoint)."""
 
 
-def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 0) -> dict[str, dict[str, float]]:
-    """Fit and evaluate each named baseline on ``data``; adds ``train_seconds``."""
+def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 0,
+                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Fit and evaluate each named baseline on ``data`` at the cut-offs ``ks``; adds ``train_seconds``."""
     results: dict[str, dict[str, float]] = {}
     for name in names:
         started = time.perf_counter()
         model = make_baseline(name)
         model.fit(data)
         seconds = time.perf_counter() - started
-        results[name] = {**evaluate(model, data, seed=seed), "train_seconds": seconds}
+        results[name] = {**evaluate(model, data, ks=ks, seed=seed), "train_seconds": seconds}
     return results
 
 
