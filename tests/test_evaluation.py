@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 import scipy.sparse as sp
 from scipy.stats import mannwhitneyu
@@ -213,3 +214,54 @@ def test_evaluate_rejects_bad_arguments() -> None:
         evaluate(scorer, data, ks=(0,))
     with pytest.raises(ValueError, match="shape"):
         evaluate(TableScorer(np.zeros((1, 2))), data)
+
+
+def test_leave_one_out_ranks_the_test_item_from_train_and_the_valid_item():
+    """The papers' protocol: at test time a sequential model reads the valid item too (it is the user's latest),
+    and only under ``loo``: the other protocols keep ranking from train alone. Nothing is refitted."""
+    import dataclasses
+
+    from _factories import frame
+    from recops.models.baselines import make_baseline
+
+    # Items 2 and 3 go together for users 0-9, items 0 and 1 for users 10-19. User 20 had item 0 in train, then
+    # item 2 (valid); its test item is 3, which only the valid item points to.
+    train = [(u, i) for u in range(10) for i in (2, 3)] + [(u, i) for u in range(10, 20) for i in (0, 1)] + [(20, 0)]
+    data = make_data(21, 4, train=train, test=[(20, 3)])
+    valid = frame([(20, 2)]).with_columns(pl.lit(1_000, dtype=pl.Int64).alias("timestamp"))  # after train
+    loo = dataclasses.replace(data, valid=valid, protocol="loo")
+    time_ordered = dataclasses.replace(loo, protocol="recbole")
+    for name in ("itemcf", "ease"):
+        model = make_baseline(name)
+        model.fit(loo)
+        before = model.score_users(np.array([20]))
+        assert evaluate(model, loo, ks=(1,), with_auc=False)["recall@1"] == 1.0, name
+        assert evaluate(model, time_ordered, ks=(1,), with_auc=False)["recall@1"] == 0.0, name
+        np.testing.assert_array_equal(model.score_users(np.array([20])), before)  # the fitted model is unchanged
+    popularity = make_baseline("pop")
+    popularity.fit(loo)
+    assert popularity.conditioned(loo, loo.train) is popularity  # reads no history: itself
+
+
+def test_the_two_tower_scorer_reads_the_valid_item_as_its_newest_history_under_leave_one_out():
+    import dataclasses
+
+    import torch
+
+    from _factories import frame
+    from recops.data.features import history_matrix
+    from recops.training.trainer import ModelScorer
+
+    class Towers:  # only what ModelScorer reads before scoring
+        def item_vectors(self) -> torch.Tensor:
+            return torch.zeros(4, 2)
+
+    data = make_data(2, 4, train=[(0, 1), (0, 0), (1, 3)])
+    valid = frame([(0, 2)]).with_columns(pl.lit(1_000, dtype=pl.Int64).alias("timestamp"))
+    loo = dataclasses.replace(data, valid=valid, protocol="loo")
+    scorer = ModelScorer(Towers(), history_matrix(loo.train, 2, 3))
+    conditioned = scorer.conditioned(loo, pl.concat([loo.train, loo.valid]))
+    assert conditioned.histories.items[0].tolist() == [1, 0, 2] and conditioned.histories.mask[0].all()
+    assert scorer.histories.mask[0].tolist() == [False, True, True]  # the original keeps its train history
+    assert scorer.histories.items[0, 1:].tolist() == [1, 0]
+    assert conditioned.item_vectors is scorer.item_vectors  # nothing re-encoded

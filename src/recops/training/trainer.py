@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +88,12 @@ class ModelScorer:
         self.histories = histories
         with torch.no_grad():
             self.item_vectors = model.item_vectors()
+
+    def conditioned(self, data: InteractionData, inputs: pl.DataFrame) -> ModelScorer:
+        """The same model reading each user's history from ``inputs`` (leave-one-out's test: train + valid)."""
+        scorer = copy.copy(self)
+        scorer.histories = history_matrix(inputs, data.n_users, self.histories.items.shape[1])
+        return scorer
 
     def user_vectors(self, users: np.ndarray) -> torch.Tensor:
         history = torch.as_tensor(self.histories.items[users])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
+import polars as pl
+import scipy.sparse as sp
 
 from recops.data.interactions import InteractionData
 
@@ -45,6 +48,17 @@ class Recommender(ABC):
                 f"{self.name}: scored shape {scores.shape}, expected {(users.size, self.n_items)}"
             )
         return scores
+
+    def conditioned(self, data: InteractionData, inputs: pl.DataFrame) -> Recommender:
+        """A copy that scores each user from the interactions ``inputs`` instead of ``data.train`` (nothing is
+        refitted): leave-one-out's test ranks from train + the valid item. Models that read no history at
+        scoring time (popularity, BPR's learned user factors) return themselves."""
+        model = copy.copy(self)
+        return model if model._condition(data.matrix(inputs)) else self
+
+    def _condition(self, history: sp.csr_matrix) -> bool:
+        """Read ``history`` at scoring time from now on; False when the model reads none."""
+        return False
 
     @abstractmethod
     def _fit(self, data: InteractionData) -> None:

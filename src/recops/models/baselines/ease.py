@@ -38,6 +38,10 @@ class EASE(Recommender):
         self._history = history
         self._weights = weights.astype(np.float32)
 
+    def _condition(self, history: sp.csr_matrix) -> bool:
+        self._history = history
+        return True
+
     def _score(self, users: np.ndarray) -> np.ndarray:
         assert self._history is not None and self._weights is not None
         return np.asarray(self._history[users] @ self._weights)

@@ -52,6 +52,10 @@ class ItemCF(Recommender):
         self._history = history
         self._similarity = neighbours.T.tocsr().astype(np.float32)
 
+    def _condition(self, history: sp.csr_matrix) -> bool:
+        self._history = history
+        return True
+
     def _score(self, users: np.ndarray) -> np.ndarray:
         assert self._history is not None and self._similarity is not None
         return (self._history[users] @ self._similarity).toarray()

@@ -68,17 +68,21 @@ class TfIdf(Recommender):
         self.min_df = min_df
         self.sublinear_tf = sublinear_tf
         self._profiles: sp.csr_matrix | None = None
+        self._vectors: sp.csr_matrix | None = None
         self._item_vectors_t: sp.csr_matrix | None = None
 
     def _fit(self, data: InteractionData) -> None:
-        vectors = tfidf_vectors(data.item_texts, self.min_df, self.sublinear_tf)
-        history = data.train_matrix()
+        self._vectors = tfidf_vectors(data.item_texts, self.min_df, self.sublinear_tf)
+        self._item_vectors_t = self._vectors.T.tocsr()
+        self._condition(data.train_matrix())
+
+    def _condition(self, history: sp.csr_matrix) -> bool:
         counts = np.asarray(history.sum(axis=1)).ravel()
         inverse_counts = np.divide(1.0, counts, out=np.zeros_like(counts, dtype=np.float64), where=counts > 0)
-        mean_profiles = sp.diags(inverse_counts) @ history @ vectors
+        mean_profiles = sp.diags(inverse_counts) @ history @ self._vectors
         # Unit profiles turn the dot product with unit item vectors into a cosine.
         self._profiles = l2_normalize_rows(mean_profiles)
-        self._item_vectors_t = vectors.T.tocsr()
+        return True
 
     def _score(self, users: np.ndarray) -> np.ndarray:
         assert self._profiles is not None and self._item_vectors_t is not None
