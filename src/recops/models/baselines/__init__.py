@@ -12,10 +12,11 @@ from recops.models.baselines.bpr import BPR
 from recops.models.baselines.ease import EASE
 from recops.models.baselines.itemcf import ItemCF
 from recops.models.baselines.popularity import Popularity
+from recops.models.baselines.sasrec import SASRec
 from recops.models.baselines.tfidf import TfIdf
 
 BASELINES: dict[str, type[Recommender]] = {
-    model.name: model for model in (Popularity, ItemCF, BPR, EASE, TfIdf)
+    model.name: model for model in (Popularity, ItemCF, BPR, EASE, TfIdf, SASRec)
 }
 
 
@@ -28,4 +29,4 @@ def make_baseline(name: str, **params: Any) -> Recommender:
     return model(**params)
 
 
-__all__ = ["BASELINES", "BPR", "EASE", "ItemCF", "Popularity", "Recommender", "TfIdf", "make_baseline"]
+__all__ = ["BASELINES", "BPR", "EASE", "ItemCF", "Popularity", "Recommender", "SASRec", "TfIdf", "make_baseline"]

@@ -8,7 +8,6 @@ from typing import ClassVar
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 
 from recops.data.interactions import InteractionData
 
@@ -54,10 +53,11 @@ class Recommender(ABC):
         refitted): leave-one-out's test ranks from train + the valid item. Models that read no history at
         scoring time (popularity, BPR's learned user factors) return themselves."""
         model = copy.copy(self)
-        return model if model._condition(data.matrix(inputs)) else self
+        return model if model._condition(data, inputs) else self
 
-    def _condition(self, history: sp.csr_matrix) -> bool:
-        """Read ``history`` at scoring time from now on; False when the model reads none."""
+    def _condition(self, data: InteractionData, inputs: pl.DataFrame) -> bool:
+        """Read ``inputs`` (an interaction frame of ``data``) at scoring time from now on; False when the model
+        reads no history."""
         return False
 
     @abstractmethod

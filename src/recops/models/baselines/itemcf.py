@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
 from recops.data.interactions import InteractionData
@@ -52,8 +53,8 @@ class ItemCF(Recommender):
         self._history = history
         self._similarity = neighbours.T.tocsr().astype(np.float32)
 
-    def _condition(self, history: sp.csr_matrix) -> bool:
-        self._history = history
+    def _condition(self, data: InteractionData, inputs: pl.DataFrame) -> bool:
+        self._history = data.matrix(inputs)
         return True
 
     def _score(self, users: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
 from recops.data.interactions import InteractionData
@@ -74,9 +75,10 @@ class TfIdf(Recommender):
     def _fit(self, data: InteractionData) -> None:
         self._vectors = tfidf_vectors(data.item_texts, self.min_df, self.sublinear_tf)
         self._item_vectors_t = self._vectors.T.tocsr()
-        self._condition(data.train_matrix())
+        self._condition(data, data.train)
 
-    def _condition(self, history: sp.csr_matrix) -> bool:
+    def _condition(self, data: InteractionData, inputs: pl.DataFrame) -> bool:
+        history = data.matrix(inputs)
         counts = np.asarray(history.sum(axis=1)).ravel()
         inverse_counts = np.divide(1.0, counts, out=np.zeros_like(counts, dtype=np.float64), where=counts > 0)
         mean_profiles = sp.diags(inverse_counts) @ history @ self._vectors
