@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--events", help="event log (--dataset events)")
     parser.add_argument("--items", help="item catalog (--dataset events)")
     parser.add_argument("--protocol", choices=["recbole", "time", "loo"], default="recbole")
-    parser.add_argument("--models", default="pop,itemcf,bpr,ease,tfidf,twotower,twotower_frozen")
+    parser.add_argument("--models", default="pop,itemcf,bpr,ease,tfidf,sasrec,twotower,twotower_frozen")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the two-tower epochs")
     parser.add_argument("--out", type=Path, required=True)

@@ -36,7 +36,7 @@ class SASRec(Recommender):
         heads: int = 1,
         max_length: int = 50,
         dropout: float = 0.3,
-        epochs: int = 40,
+        epochs: int = 20,
         lr: float = 1e-3,
         batch_size: int = 256,
         seed: int = 0,
