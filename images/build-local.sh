@@ -158,7 +158,24 @@ build_image() {
   buildah push --quiet "$ref" "oci-archive:$archive.partial:$ref" >&2
   mv "$archive.partial" "$archive"
   log "$name: exported $archive ($(du -h "$archive" | cut -f1)) in $(elapsed "$start") s"
+  prune_older "$name" "$hash"
   ARCHIVES+=("$archive")
+}
+
+# Keep one build per image: every source change makes a new 3.4 GB trainer and Triton archive, and CI once ran
+# out of disk after a day of them. The older archives go, with their tags in local storage and the layers
+# only they used (the dependency layers the new build shares stay: they are its parents).
+prune_older() {
+  local name=$1 hash=$2 old old_hash
+  for old in "$CACHE/$name"-*.oci.tar; do
+    [[ -f $old && $old != "$CACHE/$name-$hash.oci.tar" ]] || continue
+    old_hash=${old##*/$name-}
+    old_hash=${old_hash%.oci.tar}
+    rm -f "$old"
+    buildah rmi "localhost/recops/$name:$old_hash" >/dev/null 2>&1 || true
+    log "$name: removed the older build $old_hash"
+  done
+  buildah rmi --prune >/dev/null 2>&1 || true
 }
 
 main() {
@@ -169,6 +186,11 @@ main() {
   check_tools
   read_version
   mkdir -p "$CACHE"
+  # buildah stages a pushed image's blobs in $TMPDIR (default /var/tmp: ~5 GB for the trainer); a failed or
+  # killed push left them there. Stage them beside the cache, and remove them whatever happens.
+  export TMPDIR=$CACHE/.tmp
+  rm -rf "$TMPDIR" && mkdir -p "$TMPDIR"
+  trap 'rm -rf "$TMPDIR"' EXIT
   BASE_KEY=$(base_key)
   build_base_tar
   import_base

@@ -64,7 +64,7 @@ def test_quality_benchmark_amazon_beauty_flags(tmp_path, flags, message):
 
 def test_quality_benchmark_refuses_unknown_models(tmp_path):
     with pytest.raises(SystemExit):
-        _load("quality").main(["--models", "pop,sasrec", "--out", str(tmp_path / "q.json")])
+        _load("quality").main(["--models", "pop,bert4rec", "--out", str(tmp_path / "q.json")])
 
 
 def test_quality_benchmark_events_needs_both_files(tmp_path):

@@ -45,9 +45,10 @@ def test_a_bad_spec_exits_2_naming_the_field(tmp_path):
 def test_unknown_baseline_is_refused_before_training(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    result = runner.invoke(app, ["train", "-f", str(path), "--out", str(tmp_path / "out"), "--baselines", "pop,sasrec"])
+    result = runner.invoke(app, ["train", "-f", str(path), "--out", str(tmp_path / "out"),
+                                 "--baselines", "pop,gru4rec"])
     assert result.exit_code == 2
-    assert "unknown sasrec" in result.output and "ease" in result.output
+    assert "unknown gru4rec" in result.output and "sasrec" in result.output
     assert not (tmp_path / "out").exists()
 
 
