@@ -119,12 +119,7 @@ class RealNode:
     def stop(self) -> None:
         """Kill the pods' processes, the kubelet and containerd; unmount, remove cgroups and the namespace."""
         for proc in reversed(self._processes):
-            if proc.popen.poll() is None:
-                proc.popen.terminate()
-                try:
-                    proc.popen.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
+            _end(proc, timeout=10)
         self._processes.clear()
         reap_node(NETNS, VETH_HOST, CGROUP_ROOT, self.work_dir, listener=f"bind={HOST_IP}")
         STATE_FILE.unlink(missing_ok=True)
@@ -245,12 +240,7 @@ state = "{self.work_dir}/containerd/state"
         for name in names:
             started = time.monotonic()
             (old,) = [proc for proc in self._processes if proc.name == name]
-            old.popen.terminate()
-            try:
-                old.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                old.popen.kill()
-                old.popen.wait(timeout=10)
+            _end(old, timeout=30)
             self._processes.remove(old)
             self._wait_back(self._spawn(name, list(map(str, old.popen.args)), in_netns=False))  # args hold nsenter
             took[name] = round(time.monotonic() - started, 1)
@@ -355,6 +345,17 @@ state = "{self.work_dir}/containerd/state"
         proc = _Process(name, popen, log)
         self._processes.append(proc)
         return proc
+
+
+def _end(proc: _Process, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns once the process is gone."""
+    if proc.popen.poll() is None:
+        proc.popen.terminate()
+        try:
+            proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait(timeout=10)
 
 
 def reap_node(netns: str, veth_host: str, cgroup_root: str, work_dir: Path | None, *, listener: str) -> None:

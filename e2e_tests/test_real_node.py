@@ -251,8 +251,7 @@ def test_recmodels_train_and_serve_in_real_pods(cluster, served_models):
         message = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
         assert status["metrics"]["recall@20"] == pytest.approx(message["metrics"]["recall@20"])
         # The Triton pod: the init container exported, every container ready and never restarted.
-        (triton,) = cluster.kubectl.json("get", "pods", "-n", namespace, "-l",
-                                         f"app.kubernetes.io/component=serving,app.kubernetes.io/instance={name}")["items"]
+        triton = serving_pod(cluster, namespace, name)
         assert triton["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
         assert all(c["ready"] and c["restartCount"] == 0 for c in triton["status"]["containerStatuses"])
         # A request from outside the pod, through the Service's ClusterIP (kube-proxy), answers with trained items.

@@ -63,12 +63,6 @@ class ConditionableScorer(Scorer, Protocol):
     def conditioned(self, data: InteractionData, inputs: pl.DataFrame) -> Scorer: ...
 
 
-def ranking_inputs(data: InteractionData) -> pl.DataFrame:
-    """What a scorer may read of each user at test time: leave-one-out's input is train + the valid item (as
-    the sequential-recommendation papers evaluate); the other protocols rank from train alone."""
-    return pl.concat([data.train, data.valid]) if data.protocol == "loo" else data.train
-
-
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U / (n_pos * n_neg)).
 
@@ -352,8 +346,10 @@ def evaluate(
     known = data.matrix(data.train)
     if split == "test":
         known = known + data.matrix(data.valid)
+        # Leave-one-out's test input is train + the valid item, as the sequential-recommendation papers
+        # evaluate; the other protocols rank from train alone.
         if data.protocol == "loo" and isinstance(scorer, ConditionableScorer):
-            scorer = scorer.conditioned(data, ranking_inputs(data))
+            scorer = scorer.conditioned(data, pl.concat([data.train, data.valid]))
 
     warm = _rank_candidates(
         scorer, data.n_items, data.matrix(frame), known, np.flatnonzero(data.warm_mask), cutoffs, warm_rng
