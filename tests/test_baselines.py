@@ -186,3 +186,12 @@ def test_sasrec_learns_what_comes_next_and_reads_the_valid_item_at_test_time() -
     twin = make_baseline("sasrec", epochs=2, dim=16, max_length=10, seed=3)
     twin.fit(data)
     np.testing.assert_array_equal(again.score_users(np.arange(5)), twin.score_users(np.arange(5)))
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"dim": 0}, "need dim, blocks"), ({"epochs": -1}, "epochs >= 0"), ({"dropout": 1.0}, "0 <= dropout < 1"),
+    ({"lr": 0}, "lr > 0"), ({"dim": 10, "heads": 3}, "dim 10 must be a multiple of heads 3"),
+])
+def test_sasrec_refuses_impossible_settings(params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_baseline("sasrec", **params)
