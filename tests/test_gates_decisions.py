@@ -191,6 +191,19 @@ def test_srm_passes_a_fair_split_and_fails_a_forced_mis_assignment():
     assert decide_sample_ratio({"treatment": 600, "control": 400}, step, SRM).verdict is Verdict.SUCCESSFUL
 
 
+def test_srm_weighs_a_user_counted_by_each_router_once():
+    # 1,400 / 1,200 distinct users on a 50/50 step is no evidence of a mismatch; behind a Service
+    # both routers see (and count) every one of them, which must not read as 2,800 / 2,400 users.
+    half = ArmWeights.two_arm(5000)
+    seen_once = decide_sample_ratio({"treatment": 1400, "control": 1200}, half, SRM)
+    seen_twice = decide_sample_ratio({"treatment": 2800, "control": 2400}, half, SRM, routers=2)
+    assert seen_once.verdict is seen_twice.verdict is Verdict.SUCCESSFUL
+    assert seen_twice.value == pytest.approx(seen_once.value) and seen_twice.details["routers"] == 2
+    assert decide_sample_ratio({"treatment": 2800, "control": 2400}, half, SRM).verdict is Verdict.FAILED
+    with pytest.raises(ValueError, match="routers"):
+        GateContext("shop", half, window=60, routers=0)
+
+
 def test_srm_edge_cases():
     tenth = ArmWeights.two_arm(1000)
     assert decide_sample_ratio({}, tenth, SRM).verdict is Verdict.INCONCLUSIVE

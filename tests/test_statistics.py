@@ -169,34 +169,71 @@ def test_msprt_confidence_interval_matches_inversion_and_covers_at_every_look():
 
 @pytest.mark.parametrize(
     ("counts", "weights"),
-    [([5000, 5300], [1, 1]), ([900, 2100, 7000], [0.1, 0.2, 0.7]), ([480, 520], [50, 50])],
+    [([5000, 5300], [1, 1]), ([900, 2100, 7000], [0.1, 0.2, 0.7]), ([480, 520], [50, 50]), ([30, 70], [1, 9])],
 )
-def test_srm_matches_scipy_chisquare(counts, weights):
+def test_srm_bayes_factor_is_the_dirichlet_multinomial_marginal_over_the_multinomial(counts, weights):
+    # The Bayes factor from scipy's own distributions: Dirichlet-multinomial (prior mean = the
+    # split, total concentration 100) against the configured multinomial, at the observed counts.
+    theta = np.asarray(weights, float) / np.sum(weights)
+    n = int(np.sum(counts))
+    oracle = stats.dirichlet_multinomial.logpmf(counts, 100.0 * theta, n) - stats.multinomial.logpmf(counts, n, theta)
     result = sample_ratio_mismatch(counts, weights)
-    expected = np.asarray(weights, float) / np.sum(weights) * np.sum(counts)
-    oracle = stats.chisquare(counts, expected)
-    assert result.statistic == pytest.approx(oracle.statistic)
-    assert result.p_value == pytest.approx(oracle.pvalue)
-    assert result.expected_counts == pytest.approx(tuple(expected))
+    assert result.log_bayes_factor == pytest.approx(oracle)
+    assert result.p_value == pytest.approx(min(1.0, math.exp(-oracle)))
+    assert result.expected_counts == pytest.approx(tuple(theta * n))
 
 
-def test_srm_flags_a_real_imbalance_but_not_noise():
-    # 5000/5300 on a 50/50 split: chi² = 300²/10300 ≈ 8.7, p ≈ 0.003 – suspicious but not past the strict 0.001 gate.
-    borderline = sample_ratio_mismatch([5000, 5300], [0.5, 0.5])
-    assert borderline.p_value == pytest.approx(0.0031, abs=2e-4)
-    assert not borderline.mismatch
-    assert sample_ratio_mismatch([5000, 5300], [0.5, 0.5], alpha=0.01).mismatch
-    assert sample_ratio_mismatch([5000, 5400], [0.5, 0.5]).mismatch  # p ≈ 8e-5
+def test_srm_flags_an_assignment_bug_but_not_noise():
+    assert sample_ratio_mismatch([600, 400], [0.5, 0.5]).mismatch  # 60/40 where 50/50 was configured
+    assert sample_ratio_mismatch([200, 800], [0.1, 0.9]).mismatch  # the 10 % arm got twice its share
     assert not sample_ratio_mismatch([5000, 5050], [0.5, 0.5]).mismatch
+    assert not sample_ratio_mismatch([103, 897], [0.1, 0.9]).mismatch
+    # More users make the same skew more convincing.
+    many, few = sample_ratio_mismatch([5000, 5400], [0.5, 0.5]), sample_ratio_mismatch([500, 540], [0.5, 0.5])
+    assert many.p_value < few.p_value
+
+
+def test_srm_stays_valid_when_looked_at_after_every_batch_where_a_chi_square_would_not():
+    # 2,000 healthy 50/50 experiments, each looked at after every 50 new users up to 5,000 users:
+    # the sequential test fails at most alpha of them; a chi-square at each look fails several times that.
+    rng = np.random.default_rng(11)
+    alpha, runs, looks, batch = 0.05, 2000, 100, 50
+    treatment = np.cumsum(rng.binomial(batch, 0.5, size=(runs, looks)), axis=1)
+    total = batch * np.arange(1, looks + 1)
+    sequential = np.zeros(runs, bool)
+    chi_square = np.zeros(runs, bool)
+    for look in range(looks):
+        for run in range(runs):
+            counts = [int(treatment[run, look]), int(total[look] - treatment[run, look])]
+            if not sequential[run]:
+                sequential[run] = sample_ratio_mismatch(counts, [1, 1], alpha=alpha).mismatch
+        split = np.stack([treatment[:, look], total[look] - treatment[:, look]])
+        chi_square |= stats.chisquare(split, axis=0).pvalue < alpha
+    assert sequential.mean() <= alpha
+    assert chi_square.mean() > 3 * alpha
 
 
 def test_srm_edge_cases():
     empty = sample_ratio_mismatch([0, 0], [1, 1])
-    assert (empty.statistic, empty.p_value, empty.mismatch) == (0.0, 1.0, False)
+    assert (empty.log_bayes_factor, empty.p_value, empty.mismatch) == (0.0, 1.0, False)
     leaked = sample_ratio_mismatch([100, 100, 3], [1, 1, 0])  # traffic in an arm configured to get none
-    assert leaked.mismatch and leaked.p_value == 0.0 and math.isinf(leaked.statistic)
+    assert leaked.mismatch and leaked.p_value == 0.0 and math.isinf(leaked.log_bayes_factor)
     dropped = sample_ratio_mismatch([100, 110, 0], [1, 1, 0])
-    assert dropped.p_value == pytest.approx(stats.chisquare([100, 110]).pvalue)
+    assert dropped.log_bayes_factor == pytest.approx(sample_ratio_mismatch([100, 110], [1, 1]).log_bayes_factor)
+    halves = sample_ratio_mismatch([50.5, 49.5], [1, 1])  # counts divided by the number of routers
+    assert 0 < halves.p_value <= 1 and not halves.mismatch
+
+
+@pytest.mark.parametrize(
+    ("counts", "weights", "kwargs", "named"),
+    [([-1, 5], [1, 1], {}, "observed_counts[0]"), ([1, math.nan], [1, 1], {}, "observed_counts[1]"),
+     ([1, 5], [1, -1], {}, "expected_weights[1]"), ([1, 5], [0, 0], {}, "expected_weights"),
+     ([1, 5], [1, 1], {"concentration": 0}, "concentration"), ([1, 5], [1, 1], {"alpha": 1.5}, "alpha"),
+     ([1], [1], {}, "at least two arms"), ([1, 2], [1], {}, "same length")],
+)
+def test_srm_refuses_bad_input_naming_it(counts, weights, kwargs, named):
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        sample_ratio_mismatch(counts, weights, **kwargs)
 
 
 # --------------------------------------------------------------------------- per-user means (Welch)

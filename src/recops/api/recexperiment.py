@@ -191,11 +191,15 @@ class GmvPerUserLiftGate(_LiftGate):
 
 
 class SampleRatioGate(_GateBase):
-    """Distinct users per arm against the current step's weights (chi-square); fails on a mismatch."""
+    """Distinct users per arm against the current step's weights (anytime-valid test); fails on a mismatch."""
 
     type: Literal["sampleRatio"]
     alpha: StrictFloat = Field(
-        0.001, gt=0, le=0.1, description="Strict by default: a false alarm stops a healthy rollout."
+        0.001,
+        gt=0,
+        le=0.1,
+        description="Chance of ever failing a healthy split, over all looks at a step. Strict by default: "
+        "a false alarm stops a healthy rollout.",
     )
 
 

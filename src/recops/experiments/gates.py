@@ -71,7 +71,7 @@ from recops.serving.assignment import ArmWeights
 # choice that puts the test's power on lifts of about 10%; any value keeps the test valid.
 GMV_TAU_RELATIVE = 0.1
 
-# Cochran's rule: the chi-square approximation behind the SRM p-value wants ≥ 5 expected per cell.
+# Below 5 expected users in an arm the SRM gate calls the split neither healthy nor broken.
 SRM_MIN_EXPECTED = 5.0
 
 # Feedback posted late for an earlier slate, or increase() across a router restart (see queries),
@@ -145,6 +145,8 @@ class GateContext:
         step_window: time since the current step started: SRM, latency, error rate, promql
             (defaults to ``window``).
         time: evaluation time (unix seconds) for reproducible reads; ``None`` is Prometheus' now.
+        routers: router replicas serving the experiment. Each router counts a user the first time
+            *it* sees them, so behind a Service one user is counted up to this many times.
     """
 
     experiment: str
@@ -152,6 +154,7 @@ class GateContext:
     window: float
     step_window: float | None = None
     time: float | None = None
+    routers: int = 1
 
     def __post_init__(self) -> None:
         arms = self.arms if isinstance(self.arms, ArmWeights) else ArmWeights(arms=self.arms)
@@ -159,6 +162,8 @@ class GateContext:
             raise ValueError("a gate context needs at least two arms (a treatment and the control, last)")
         if not self.experiment:
             raise ValueError("experiment must not be empty")
+        if isinstance(self.routers, bool) or not isinstance(self.routers, int) or self.routers < 1:
+            raise ValueError(f"routers must be a positive integer, got {self.routers!r}")
         # frozen: normalise through object.__setattr__ once, at construction.
         object.__setattr__(self, "arms", arms)
         object.__setattr__(self, "window", _seconds(self.window, "window"))
@@ -359,13 +364,21 @@ def decide_gmv(control: GmvCounts, treatment: GmvCounts, gate: GmvPerUserLiftGat
     return GateResult(name, verdict, relative, interval, message, details)
 
 
-def decide_sample_ratio(users: Mapping[str, int], arms: ArmWeights, gate: SampleRatioGate) -> GateResult:
-    """Verdict of the SRM gate: distinct users per arm against the step's weights (chi-square).
+def decide_sample_ratio(
+    users: Mapping[str, int], arms: ArmWeights, gate: SampleRatioGate, routers: int = 1
+) -> GateResult:
+    """Verdict of the SRM gate: distinct users per arm against the step's weights (sequential test).
 
-    Failed when p < alpha, or when any user landed in an arm that has weight 0 or is not
-    configured at all (an assignment bug, whatever the counts). Inconclusive with no users,
-    or while an arm expects fewer than 5 users (the chi-square approximation is poor there).
-    ``value`` is the p-value.
+    Each of ``routers`` replicas counts a user once, so the counts are divided by ``routers``
+    before the test: a user seen by every router would otherwise weigh as several independent
+    users and make the test too eager (the split itself is unaffected, each router's new users
+    split by the weights). Dividing is conservative: it is exact when every user reaches every
+    router, and under-states the evidence otherwise.
+
+    Failed when the anytime-valid p-value is at most alpha, or when any user landed in an arm
+    that has weight 0 or is not configured at all (an assignment bug, whatever the counts).
+    Inconclusive with no users, or while an arm expects fewer than 5 users (too few to call a
+    split healthy). ``value`` is the p-value.
     """
     name = gate.gate_name
     names = arms.names
@@ -375,6 +388,7 @@ def decide_sample_ratio(users: Mapping[str, int], arms: ArmWeights, gate: Sample
     details: dict[str, Any] = {
         "users": dict(zip(names, counts, strict=True)),
         "weightsBp": dict(zip(names, weights, strict=True)),
+        "routers": routers,
     }
     if stray:
         details["unconfiguredArms"] = stray
@@ -383,13 +397,13 @@ def decide_sample_ratio(users: Mapping[str, int], arms: ArmWeights, gate: Sample
         )
     if sum(counts) == 0:
         return GateResult(name, Verdict.INCONCLUSIVE, message="no users in the window yet", details=details)
-    result = sample_ratio_mismatch(counts, weights, alpha=gate.alpha)
+    result = sample_ratio_mismatch([count / routers for count in counts], weights, alpha=gate.alpha)
     details.update(
         expected=dict(zip(names, result.expected_counts, strict=True)),
-        statistic=result.statistic,
+        logBayesFactor=result.log_bayes_factor,
         pValue=result.p_value,
     )
-    if math.isinf(result.statistic):
+    if math.isinf(result.log_bayes_factor):
         return GateResult(
             name, Verdict.FAILED, result.p_value, message="users in an arm with weight 0", details=details
         )
@@ -399,7 +413,7 @@ def decide_sample_ratio(users: Mapping[str, int], arms: ArmWeights, gate: Sample
             name,
             Verdict.INCONCLUSIVE,
             result.p_value,
-            message=f"too few users for the chi-square test (smallest expected {smallest:.1f} < 5)",
+            message=f"too few users to judge the split (smallest expected {smallest:.1f} < 5)",
             details=details,
         )
     shares = ", ".join(f"{arm} {count / sum(counts):.2%}" for arm, count in zip(names, counts, strict=True))
@@ -630,7 +644,10 @@ def _evaluate(gate: Gate, reader: _Reader, context: GateContext) -> GateResult:
     if isinstance(gate, SampleRatioGate):
         users = reader.by_label(queries.users_by_arm(experiment, step_window), queries.ARM_LABEL)
         return decide_sample_ratio(
-            {arm: _count(v, f"{arm or '(no arm label)'} users") for arm, v in users.items()}, context.arms, gate
+            {arm: _count(v, f"{arm or '(no arm label)'} users") for arm, v in users.items()},
+            context.arms,
+            gate,
+            context.routers,
         )
     if isinstance(gate, LatencyP99Gate):
         arm = context.arm_name(gate.arm)

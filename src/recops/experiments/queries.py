@@ -12,7 +12,7 @@ restarted and counted from 0 again: ``increase`` corrects for that). Not ``incre
 because it extrapolates the sampled interval to the window's edges: over a step window of ``w``
 seconds with scrape interval ``s`` it multiplies every count by up to ``w / (w - s)``, twice the
 users at a first look two seconds into a step. Rates keep their value under that scaling, but the
-sample-ratio check's chi-square grows with it: at 2x its p-values are those of twice the users,
+sample-ratio check's evidence grows with it: at 2x its p-values are those of twice the users,
 and a healthy 50/50 split failed ``alpha = 0.001`` about as often as ``alpha = 0.02`` would.
 Exact counts are what :mod:`recops.experiments.scrape` computes too, so both evaluators agree.
 

@@ -317,11 +317,13 @@ def gate_context(
     treatment_arm: str = "treatment",
     control_arm: str = "control",
     time: float | None = None,
+    routers: int = 1,
 ) -> GateContext:
     """Where the gates look at ``now``: the current weights, the experiment's and the step's windows.
 
     Windows are whole seconds (rounded up, at least one), so successive looks send tidy PromQL.
-    ``time`` is the gates' evaluation time (``None``: the metrics source's now).
+    ``time`` is the gates' evaluation time (``None``: the metrics source's now); ``routers`` the
+    router replicas (each counts a user once: see :class:`GateContext`).
     """
     return GateContext(
         experiment,
@@ -329,6 +331,7 @@ def gate_context(
         window=max(1, math.ceil(now - state.started_at)),
         step_window=max(1, math.ceil(now - state.step_started_at)),
         time=time,
+        routers=routers,
     )
 
 

@@ -10,7 +10,8 @@ counters it already keeps, at any look, without re-reading logs.
   safe to evaluate after every batch of traffic.
 * :func:`normal_msprt_p_value`, :func:`normal_msprt_interval` – the same mSPRT for any
   asymptotically normal estimate (a difference of per-user means).
-* :func:`sample_ratio_mismatch` – chi-square goodness of fit of arm sizes.
+* :func:`sample_ratio_mismatch` – anytime-valid test of arm sizes against the split (Lindon &
+  Malek 2022, "Anytime-valid inference for multinomial count data"), safe at every look.
 * :func:`ratio_metric_lift` – Welch comparison of per-user means (e.g. GMV/user).
 """
 
@@ -36,6 +37,12 @@ DEFAULT_TAU_SQUARED = 1e-4
 # variance is poor for rates of a few percent, so the gate refuses to decide.
 DEFAULT_MIN_SAMPLES = 1000
 
+# Concentration of the Dirichlet mixture behind the sequential SRM test, centred on the configured
+# split. Small: the mixture spreads over gross mismatches (what assignment and logging bugs look
+# like), which it then flags with a few hundred users; a 1 % skew needs far more users than a step
+# has. The test stays valid for any value (Lindon & Malek 2022, section 3).
+DEFAULT_SRM_CONCENTRATION = 100.0
+
 
 @dataclass(frozen=True)
 class LiftResult:
@@ -59,9 +66,13 @@ class LiftResult:
 
 @dataclass(frozen=True)
 class SrmResult:
-    """Chi-square goodness-of-fit check of observed arm sizes against the configured split."""
+    """Sequential check of observed arm sizes against the configured split.
 
-    statistic: float
+    ``log_bayes_factor`` is the evidence for *some* other split over the configured one; the
+    p-value is ``min(1, 1 / Bayes factor)``, valid however often it is looked at.
+    """
+
+    log_bayes_factor: float
     p_value: float
     mismatch: bool
     expected_counts: tuple[float, ...]
@@ -106,6 +117,12 @@ def _check_arm(successes: int, trials: int, arm: str) -> tuple[int, int]:
     if s > n:
         raise ValueError(f"{arm}_successes ({s}) must not exceed {arm}_trials ({n})")
     return s, n
+
+
+def _check_size(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -367,18 +384,23 @@ def normal_msprt_interval(
 
 
 def sample_ratio_mismatch(
-    observed_counts: Sequence[int],
+    observed_counts: Sequence[float],
     expected_weights: Sequence[float],
     alpha: float = 0.001,
+    *,
+    concentration: float = DEFAULT_SRM_CONCENTRATION,
 ) -> SrmResult:
-    """Chi-square goodness-of-fit test of observed arm sizes against the configured traffic split.
+    """Anytime-valid test of observed arm sizes against the configured traffic split.
 
-    ``expected_weights`` are normalised to sum to 1. The default ``alpha`` is
-    strict because an SRM check runs on every experiment and a mismatch
-    blocks the rollout: false alarms are costly, while real assignment bugs
-    are usually glaring. Arms with weight 0 and no traffic are dropped from
-    the test; traffic in an arm with weight 0 is an infinite mismatch
-    (p = 0). No traffic at all is no evidence: statistic 0, p = 1.
+    The Bayes factor of a Dirichlet-multinomial mixture (mean: the configured split, total
+    ``concentration``) against the configured multinomial is a test martingale under the null
+    (Lindon & Malek 2022), so the gate may look after every scrape: the chance that it *ever*
+    reports a mismatch on a correct split is at most ``alpha``. A chi-square test at every look
+    would not keep that promise. ``expected_weights`` are normalised to sum to 1. Counts may be
+    fractional (see :func:`recops.experiments.gates.decide_sample_ratio`: users counted once per
+    router). The default ``alpha`` is strict because a mismatch blocks the rollout. Arms with
+    weight 0 and no traffic are dropped; traffic in an arm with weight 0 is an infinite mismatch
+    (p = 0). No traffic at all is no evidence: p = 1.
     """
     alpha = _check_alpha(alpha)
     if len(observed_counts) != len(expected_weights):
@@ -388,12 +410,9 @@ def sample_ratio_mismatch(
         )
     if len(observed_counts) < 2:
         raise ValueError(f"observed_counts needs at least two arms, got {len(observed_counts)}")
-    counts = [_check_count(c, f"observed_counts[{i}]") for i, c in enumerate(observed_counts)]
-    weights: list[float] = []
-    for i, w in enumerate(expected_weights):
-        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"expected_weights[{i}] must be a non-negative finite number, got {w!r}")
-        weights.append(float(w))
+    counts = [_check_size(c, f"observed_counts[{i}]") for i, c in enumerate(observed_counts)]
+    weights = [_check_size(w, f"expected_weights[{i}]") for i, w in enumerate(expected_weights)]
+    concentration = _check_positive(concentration, "concentration")
     weight_total = sum(weights)
     if weight_total <= 0:
         raise ValueError("expected_weights must not all be zero")
@@ -401,14 +420,22 @@ def sample_ratio_mismatch(
     total = sum(counts)
     expected = tuple(total * w / weight_total for w in weights)
     if total == 0:
-        return SrmResult(statistic=0.0, p_value=1.0, mismatch=False, expected_counts=expected)
+        return SrmResult(log_bayes_factor=0.0, p_value=1.0, mismatch=False, expected_counts=expected)
     if any(c > 0 and w == 0 for c, w in zip(counts, weights, strict=True)):
-        return SrmResult(statistic=math.inf, p_value=0.0, mismatch=True, expected_counts=expected)
-    cells = [(c, e) for c, e, w in zip(counts, expected, weights, strict=True) if w > 0]
-    statistic = float(sum((c - e) ** 2 / e for c, e in cells))
-    df = len(cells) - 1
-    p_value = float(stats.chi2.sf(statistic, df)) if df > 0 else 1.0
-    return SrmResult(statistic=statistic, p_value=p_value, mismatch=p_value < alpha, expected_counts=expected)
+        return SrmResult(log_bayes_factor=math.inf, p_value=0.0, mismatch=True, expected_counts=expected)
+    cells = [(c, w / weight_total) for c, w in zip(counts, weights, strict=True) if w > 0]
+    if len(cells) < 2:
+        return SrmResult(log_bayes_factor=0.0, p_value=1.0, mismatch=False, expected_counts=expected)
+    n = sum(c for c, _ in cells)
+    # log BF = log Γ(K) − log Γ(K + n) + Σ [log Γ(K·θ + x) − log Γ(K·θ)] − Σ x·log θ
+    log_bf = float(
+        special.gammaln(concentration)
+        - special.gammaln(concentration + n)
+        + sum(special.gammaln(concentration * theta + c) - special.gammaln(concentration * theta) for c, theta in cells)
+        - sum(c * math.log(theta) for c, theta in cells)
+    )
+    p_value = min(1.0, math.exp(-log_bf)) if log_bf > -700 else 1.0
+    return SrmResult(log_bayes_factor=log_bf, p_value=p_value, mismatch=p_value <= alpha, expected_counts=expected)
 
 
 # --------------------------------------------------------------------------- per-user means

@@ -166,7 +166,8 @@ def reconcile_experiment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) ->
     results = None
     if prepared.look_due and prepared.spec is not None:
         with PrometheusClient(prepared.spec.prometheus.url, timeout=prepared.spec.prometheus.timeout_seconds) as client:
-            results = evaluate_gates(prepared.spec.gates, client, recexperiment.look_context(prepared, observation))
+            context = recexperiment.look_context(prepared, observation, SETTINGS)
+            results = evaluate_gates(prepared.spec.gates, client, context)
     result = recexperiment.plan(observation, SETTINGS, results, prepared)
     for manifest in result.apply:
         kube.apply(manifest)

@@ -150,11 +150,12 @@ def prepare(observation: ExperimentObservation) -> Prepared:
                     and _unavailable(observation) is None)
 
 
-def look_context(prepared: Prepared, observation: ExperimentObservation) -> GateContext:
-    """Where the gates look in this reconcile (only when ``prepared.look_due``)."""
+def look_context(prepared: Prepared, observation: ExperimentObservation, settings: OperatorSettings) -> GateContext:
+    """Where the gates look in this reconcile (only when ``prepared.look_due``); the SRM gate learns how
+    many routers count users."""
     assert prepared.spec is not None and prepared.state is not None
     return rollout.gate_context(prepared.spec, prepared.state, observation.owner.name, observation.now.timestamp(),
-                                treatment_arm=TREATMENT, control_arm=CONTROL)
+                                treatment_arm=TREATMENT, control_arm=CONTROL, routers=settings.router_replicas)
 
 
 def _treatment_problem(observation: ExperimentObservation) -> str | None:
