@@ -1,15 +1,19 @@
-"""Offline quality: every baseline and the two-tower model on one dataset, one split, one run.
+"""Offline quality: every baseline and the two-tower model on one dataset, one split, for one or more seeds.
 
     python benchmarks/quality.py --dataset ml-100k --data-dir ../shared/data/ml-100k \
-        --protocol recbole --out results/quality-ml100k.json
+        --protocol recbole --seeds 0,1,2 --out results/quality-ml100k.json
     python benchmarks/quality.py --dataset amazon-beauty --data-dir ../shared/data/amazon-beauty \
-        --protocol loo --out results/quality-beauty.json
+        --protocol loo --seeds 0,1,2 --out results/quality-beauty.json
+
+A seed draws the split (RecBole protocol; leave-one-out and time splits do not depend on it)
+and every model's initialisation and sampling. With several seeds each figure is
+``{"mean", "std", "values"}`` over them (sample std); with one, a plain number.
 
 Leave-one-out (``--protocol loo``) reports Recall and NDCG at 5, 10 and 20, as the sequential
 recommendation papers do; the other protocols at 10, 20, 50 and 100.
 
-Writes {"dataset", "protocol", "seed", "models": {NAME: {...metrics, "train_seconds"}},
-"seconds", "peak_rss_mb", "machine"} and prints a Markdown table.
+Writes {"dataset", "protocol", "seeds", "models": {NAME: {...metrics, "train_seconds"}},
+"runs": [{"seed", "models", "seconds"}], "seconds", "peak_rss_mb", "machine"} and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,7 +36,7 @@ from recops.api.recmodel import DataSpec, RecModelSpec
 from recops.data.prepare import prepare
 from recops.models.baselines import BASELINES
 from recops.training.evaluation import DEFAULT_KS, evaluate
-from recops.training.report import markdown_table, save_recall_plot
+from recops.training.report import markdown_table, save_recall_plot, summarise_seeds
 from recops.training.run import evaluate_baselines, train_with_progress
 from recops.training.trainer import ModelScorer
 
@@ -80,6 +85,55 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
     return DataSpec(source="synthetic", split=split, history_length=HISTORY_LENGTH)
 
 
+def parse_seeds(text: str, parser: argparse.ArgumentParser) -> list[int]:
+    """``--seeds 0,1,2`` as distinct non-negative integers, in order."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_override(text: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:
+    """``--tower-set training.nextItemFraction=1`` as (dotted path, JSON value)."""
+    path, sep, value = text.partition("=")
+    if not sep or not path:
+        parser.error(f"--tower-set wants PATH=VALUE, got {text!r}")
+    try:
+        return path, json.loads(value)
+    except json.JSONDecodeError:
+        parser.error(f"--tower-set {path}: VALUE must be JSON (a number, true/false, a quoted string), got {value!r}")
+
+
+def run_seed(args: argparse.Namespace, names: list[str], seed: int) -> tuple[Any, dict]:
+    """One seed: the split, every named model trained and evaluated on it."""
+    data = prepare(data_spec(args), seed=seed)
+    ks = LOO_KS if args.protocol == "loo" else DEFAULT_KS
+    models = evaluate_baselines(data, [n for n in names if n in BASELINES], seed=seed, ks=ks)
+    for name in [n for n in names if n in TWO_TOWERS]:
+        settings = json.loads(json.dumps(TWO_TOWERS[name]))
+        settings["training"]["seed"] = seed
+        if args.epochs:
+            settings["training"]["epochs"] = args.epochs
+        for path, value in args.tower_overrides:
+            *parents, leaf = path.split(".")
+            node = settings
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        spec = RecModelSpec.model_validate({"data": data_spec(args).to_manifest_dict(), **settings})
+        with TemporaryDirectory() as scratch:
+            result = train_with_progress(spec, data, Path(scratch), restart=True)
+        models[name] = {
+            **evaluate(ModelScorer(result.model, result.histories), data, ks=ks, seed=seed),
+            "train_seconds": result.seconds,
+            "best_epoch": result.state.best_epoch,
+        }
+    return data, models
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["ml-100k", "amazon-beauty", "synthetic", "events"], default="synthetic")
@@ -88,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", help="item catalog (--dataset events)")
     parser.add_argument("--protocol", choices=["recbole", "time", "loo"], default="recbole")
     parser.add_argument("--models", default="pop,itemcf,bpr,ease,tfidf,sasrec,twotower,twotower_frozen")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (figures: mean ± std)")
     parser.add_argument("--epochs", type=int, help="override the two-tower epochs")
+    parser.add_argument("--tower-set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a two-tower setting in every variant, e.g. training.nextItemFraction=1 "
+                        "(VALUE is JSON; repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, help="also write the recall bar chart as a PNG")
     args = parser.parse_args(argv)
@@ -99,38 +156,33 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in BASELINES and n not in TWO_TOWERS]
     if unknown:
         parser.error(f"unknown models {unknown}; known: {sorted(BASELINES)} and {sorted(TWO_TOWERS)}")
+    seeds = parse_seeds(args.seeds, parser)
+    args.tower_overrides = [parse_override(text, parser) for text in args.tower_set]
     started = time.perf_counter()
-    data = prepare(data_spec(args), seed=args.seed)
-    ks = LOO_KS if args.protocol == "loo" else DEFAULT_KS
-    models = evaluate_baselines(data, [n for n in names if n in BASELINES], seed=args.seed, ks=ks)
-    for name in [n for n in names if n in TWO_TOWERS]:
-        settings = json.loads(json.dumps(TWO_TOWERS[name]))
-        settings["training"]["seed"] = args.seed
-        if args.epochs:
-            settings["training"]["epochs"] = args.epochs
-        spec = RecModelSpec.model_validate({"data": data_spec(args).to_manifest_dict(), **settings})
-        with TemporaryDirectory() as scratch:
-            result = train_with_progress(spec, data, Path(scratch), restart=True)
-        models[name] = {
-            **evaluate(ModelScorer(result.model, result.histories), data, ks=ks, seed=args.seed),
-            "train_seconds": result.seconds,
-            "best_epoch": result.state.best_epoch,
-        }
+    runs = []
+    for seed in seeds:
+        seed_started = time.perf_counter()
+        data, models = run_seed(args, names, seed)
+        runs.append({"seed": seed, "models": models, "seconds": time.perf_counter() - seed_started})
+        logging.info("seed %d done in %.0f s", seed, runs[-1]["seconds"])
+    models = summarise_seeds([run["models"] for run in runs])
     report = {
         "dataset": args.dataset,
         "protocol": args.protocol,
-        "seed": args.seed,
+        "seeds": seeds,
         "data": data.summary(),
         "models": models,
+        "runs": runs,
         "seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float))
+    headline = LOO_HEADLINE if args.protocol == "loo" else HEADLINE
     if args.plot:
-        save_recall_plot(models, args.plot)
-    print(markdown_table(models, LOO_HEADLINE if args.protocol == "loo" else HEADLINE))
+        save_recall_plot(models, args.plot, [k for k in headline if k.startswith(("recall", "ndcg", "cold"))])
+    print(markdown_table(models, headline))
     print(f"seconds {report['seconds']:.0f}, peak RSS {report['peak_rss_mb']:.0f} MB → {args.out}")
     return report
 

@@ -138,6 +138,23 @@ def test_ease_matches_the_closed_form_on_a_tiny_matrix() -> None:
     np.testing.assert_allclose(model.score_users(np.arange(4)), x @ expected_b, rtol=1e-5, atol=1e-6)
 
 
+def test_ease_past_its_item_limit_models_the_most_popular_items_and_scores_the_rest_zero() -> None:
+    # Item 3 is the least popular: with room for three items EASE is the closed form over items 0-2.
+    train = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 2), (3, 0), (3, 1), (3, 2), (1, 3)]
+    data = make_data(4, 4, train=train)
+    x = data.train_matrix().toarray().astype(np.float64)[:, :3]
+    inverse = np.linalg.inv(x.T @ x + 2.0 * np.eye(3))
+    expected = x @ (np.eye(3) - inverse / np.diag(inverse))
+    for float64_items in (10, 0):  # the float32 solve above float64_items agrees to float32 precision
+        model = make_baseline("ease", lam=2.0, max_items=3, float64_items=float64_items)
+        model.fit(data)
+        scores = model.score_users(np.arange(4))
+        np.testing.assert_allclose(scores[:, :3], expected, rtol=1e-4, atol=1e-5)
+        assert scores.shape == (4, 4) and not scores[:, 3].any()
+    with pytest.raises(ValueError, match="max_items"):
+        make_baseline("ease", max_items=0)
+
+
 def test_itemcf_prunes_to_k_neighbours_per_item() -> None:
     matrix = np.array(
         [[0.0, 0.9, 0.5, 0.1], [0.9, 0.0, 0.2, 0.3], [0.5, 0.2, 0.0, 0.0], [0.1, 0.3, 0.0, 0.0]]

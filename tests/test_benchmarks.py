@@ -53,6 +53,42 @@ def test_quality_benchmark_leave_one_out_reports_the_papers_cut_offs(tmp_path):
         assert all(n <= r for n, r in zip(ndcg, recall, strict=True))
 
 
+def test_quality_benchmark_over_seeds_reports_mean_spread_and_values(tmp_path):
+    out = tmp_path / "q.json"
+    report = _load("quality").main(["--dataset", "synthetic", "--protocol", "recbole", "--models", "pop,itemcf",
+                                    "--seeds", "0,1,2", "--out", str(out), "--plot", str(tmp_path / "q.png")])
+    assert json.loads(out.read_text())["models"] == report["models"] and (tmp_path / "q.png").stat().st_size > 0
+    assert report["seeds"] == [0, 1, 2] and [run["seed"] for run in report["runs"]] == [0, 1, 2]
+    for name in ("pop", "itemcf"):
+        recall = report["models"][name]["recall@10"]
+        values = [run["models"][name]["recall@10"] for run in report["runs"]]
+        assert recall["values"] == values and recall["mean"] == pytest.approx(sum(values) / 3)
+        assert recall["std"] >= 0
+    # The seed draws the split: three seeds, three different figures for the same model.
+    assert len(set(report["models"]["itemcf"]["recall@10"]["values"])) == 3
+
+
+@pytest.mark.parametrize("seeds", ["0,x", "0,0", "-1", ""])
+def test_quality_benchmark_refuses_bad_seeds(tmp_path, seeds, capsys):
+    with pytest.raises(SystemExit):
+        _load("quality").main(["--models", "pop", "--seeds", seeds, "--out", str(tmp_path / "q.json")])
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_quality_benchmark_leave_one_out_on_an_event_log_whose_items_have_only_titles(tmp_path):
+    from recops.data.io import write_events, write_items
+    from recops.data.synthetic import SyntheticConfig, generate
+
+    shop = generate(SyntheticConfig(n_users=150, n_items=80, seed=4))
+    write_events(shop.events, tmp_path / "events.jsonl")
+    write_items(shop.items.select("item_id", "title"), tmp_path / "items.csv")
+    report = _load("quality").main(["--dataset", "events", "--events", str(tmp_path / "events.jsonl"),
+                                    "--items", str(tmp_path / "items.csv"), "--protocol", "loo",
+                                    "--models", "pop,tfidf", "--out", str(tmp_path / "q.json")])
+    assert report["data"]["valid"] == report["data"]["test"]  # one held-out item per user
+    assert report["models"]["tfidf"]["recall@20"] > 0 and "recall@5" in report["models"]["pop"]
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--dataset", "amazon-beauty"], "--dataset amazon-beauty needs --data-dir"),
     (["--dataset", "amazon-beauty", "--data-dir", "x", "--protocol", "time"], "no timestamps: --protocol loo"),

@@ -164,6 +164,11 @@ class ResourcesSpec(SpecModel):
     gpu: int = Field(0, ge=0, le=64)
 
 
+DEFAULT_RECENCY_POSITIONS = 50
+DEFAULT_NEXT_ITEM_FRACTION = 0.5
+DEFAULT_NEIGHBOURS = 100
+
+
 class TrainingSpec(SpecModel):
     """Optimisation settings of the two-tower model."""
 
@@ -186,6 +191,23 @@ class TrainingSpec(SpecModel):
         64, ge=0, le=65536, description="Items whose text is re-encoded with gradients each step (0: frozen text)."
     )
     use_id_embeddings: bool = Field(True, description="Fuse an ID embedding with the text embedding for warm items.")
+    # Unset by default (None), as nodes below: a spec that does not name them keeps its revision hash.
+    recency_positions: int | None = Field(
+        None, ge=0, le=4096,
+        description="History positions, from the newest, that the user tower tells apart (position embedding "
+        f"and recency weight; older ones share the last); 0: mean pooling. Default {DEFAULT_RECENCY_POSITIONS}.",
+    )
+    next_item_fraction: float | None = Field(
+        None, ge=0, le=1,
+        description="Share of training samples that read only the history before their target (next-item, "
+        "as sequential data is tested); the rest read every other item of the user (as a random hold-out is). "
+        f"Default {DEFAULT_NEXT_ITEM_FRACTION}.",
+    )
+    neighbours: int | None = Field(
+        None, ge=0, le=1024,
+        description="Co-occurrence neighbours per item in the item-to-item residual of the retrieval score "
+        f"(learned weights, served with the model); 0: no residual. Default {DEFAULT_NEIGHBOURS}.",
+    )
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     seed: int = Field(0, ge=0)
     checkpoint_every_steps: int = Field(200, ge=1)
@@ -206,6 +228,18 @@ class TrainingSpec(SpecModel):
         if gpus is not None and self.resources.gpu not in (0, gpus):
             raise ValueError(f"gpusPerNode is {gpus} but resources.gpu is {self.resources.gpu}: set one of them")
         return self
+
+    def recency(self) -> int:
+        """History positions the user tower tells apart (``recencyPositions`` or its default)."""
+        return DEFAULT_RECENCY_POSITIONS if self.recency_positions is None else self.recency_positions
+
+    def next_item(self) -> float:
+        """Share of next-item training samples (``nextItemFraction`` or its default)."""
+        return DEFAULT_NEXT_ITEM_FRACTION if self.next_item_fraction is None else self.next_item_fraction
+
+    def residual_neighbours(self) -> int:
+        """Neighbours per item in the item-to-item residual (``neighbours`` or its default)."""
+        return DEFAULT_NEIGHBOURS if self.neighbours is None else self.neighbours
 
     def processes_per_node(self) -> int:
         """Training processes in each pod: one per GPU, or one on the CPU."""

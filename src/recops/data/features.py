@@ -80,6 +80,22 @@ def history_matrix(frame: pl.DataFrame, n_users: int, length: int) -> Histories:
     return Histories(items, mask)
 
 
+def history_columns(frame: pl.DataFrame, length: int) -> np.ndarray:
+    """Each row's column in :func:`history_matrix` of the same frame (-1: older than its ``length`` items).
+
+    What a next-item sample needs: the entries left of its target's column are what came before it.
+    """
+    ranked = (
+        frame.with_row_index("_row")
+        .sort(USER_IDX, TIMESTAMP, ITEM_IDX)
+        .with_columns((pl.len().over(USER_IDX) - pl.int_range(pl.len()).over(USER_IDX)).alias("_from_end"))
+    )
+    from_end = ranked["_from_end"].to_numpy()
+    columns = np.empty(frame.height, dtype=np.int64)
+    columns[ranked["_row"].to_numpy()] = np.where(from_end <= length, length - from_end, -1)
+    return columns
+
+
 def histories_from_ids(
     histories: Sequence[Sequence[str]], item_index: Mapping[str, int], length: int
 ) -> tuple[Histories, list[list[str]]]:

@@ -41,7 +41,8 @@ def retrieve_topk(
 
     ``users`` is B × d and ``items`` (the index) N × d, both float32, float16 or bfloat16 on one device;
     ``items`` must be contiguous (it is big: copying it per call would be a hidden cost). ``bias`` is an
-    optional float32 vector of N. ``exclude`` is an optional B × E int64 tensor of item indices each user
+    optional float32 vector of N, or B × N (each user's own: the item-to-item residual; the torch path).
+    ``exclude`` is an optional B × E int64 tensor of item indices each user
     must not get (their history), ``-1`` for padding. Returns ``(scores, indices)``: float32 and int64,
     B × k, best first. An empty batch returns B = 0 results. Raises ``ValueError`` naming the argument
     for anything else, including a row left with fewer than ``k`` items after its exclusions.
@@ -52,8 +53,11 @@ def retrieve_topk(
         raise ValueError(f"k must be an integer between 1 and the number of items ({n_items}), got {k!r}")
     if bias is not None:
         _check_tensor(bias, "bias", items.device)
-        if bias.dtype != torch.float32 or bias.shape != (n_items,):
-            raise ValueError(f"bias must be float32 of shape ({n_items},), got {bias.dtype} {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or bias.shape not in ((n_items,), (users.shape[0], n_items)):
+            raise ValueError(
+                f"bias must be float32 of shape ({n_items},) or ({users.shape[0]}, {n_items}), "
+                f"got {bias.dtype} {tuple(bias.shape)}"
+            )
     n_excluded = 0
     if exclude is not None:
         _check_tensor(exclude, "exclude", items.device)
@@ -77,7 +81,8 @@ def retrieve_topk(
         answer = _retrieve_excluding_on_cpu(users, items, bias, float(scale), k, exclude)  # type: ignore[arg-type]
         if answer is not None:
             return answer
-    if _use_cuda_retrieval(users, wanted):
+    # The kernel reads one bias vector; per-user biases take the torch path (a B × N matmul anyway).
+    if (bias is None or bias.dim() == 1) and _use_cuda_retrieval(users, wanted):
         scores, indices = cuda.extension().retrieve_topk(users, items, bias, float(scale), wanted)
     else:
         scores, indices = reference.retrieve_topk(users, items, bias, float(scale), wanted)

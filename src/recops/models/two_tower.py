@@ -7,10 +7,19 @@ they are in the catalog.
 
 User tower: the user's recent history read as item-tower vectors (as HLLM
 does), so each distinct item is encoded once per step rather than once per user,
-pooled and passed through a residual MLP.
+pooled and passed through a residual MLP. The pooling is attention over the
+history, aware of order: each entry carries an embedding of its position from the
+end (the newest is 0) and a learned recency logit, so the tower can weigh the
+last items most where order matters (next-item data) and spread its weight where
+it does not. At initialisation every weight is equal and every position
+embedding zero: the plain mean (what models exported before it load as).
 
 Retrieval score: cosine of the normalised user and item vectors over a
-temperature. Click and like heads read ``[u, v, u*v]``.
+temperature, plus an item-to-item residual: each history item adds a learned
+weight to each of its top-k co-occurrence neighbours (sparse, EASE-like, k per
+item so it scales with the catalog, not its square). The weights start at zero:
+the residual learns what the towers' dot product misses. Click and like heads
+read ``[u, v, u*v]``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,26 @@ class TwoTowerConfig:
     # Fraction of warm items whose ID part is hidden each step, so text alone
     # learns to place items: that is what cold items get at serving time.
     id_dropout: float = 0.2
+    # History positions (from the newest) with their own position embedding and recency logit;
+    # older entries share the last one. 0: plain mean pooling.
+    recency_positions: int = 50
+    # Neighbours per item in the item-to-item residual; 0: none.
+    neighbours: int = 0
+
+
+def _positions_from_end(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each entry's position from its user's newest entry (0), for entries listed user by user, oldest first."""
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
+    return counts[rows] - 1 - rank
+
+
+def _softmax_by_row(logits: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Softmax of ``logits`` (M) within each group of entries that share a row (``rows``: M)."""
+    peak = logits.new_full((n_rows,), float("-inf")).scatter_reduce(0, rows, logits.detach(), "amax")
+    exp = torch.exp(logits - peak[rows])
+    total = logits.new_zeros(n_rows).index_add_(0, rows, exp)
+    return exp / total[rows]
 
 
 class Head(nn.Module):
@@ -66,11 +95,25 @@ class TwoTowerModel(nn.Module):
         self.history_embedding = nn.Embedding(config.n_items, dim)
         nn.init.zeros_(self.history_embedding.weight)
         self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        if config.recency_positions:
+            # Zero at the start: equal weights and no position signal, the plain mean.
+            self.position_embedding = nn.Embedding(config.recency_positions, dim)
+            nn.init.zeros_(self.position_embedding.weight)
+            self.recency_logit = nn.Parameter(torch.zeros(config.recency_positions))
+            self.attention = nn.Linear(dim, 1)
+            nn.init.zeros_(self.attention.weight)
+            nn.init.zeros_(self.attention.bias)
         self.empty_history = nn.Parameter(torch.zeros(dim))
         # A per-item popularity prior on the retrieval logit; cold items get the warm items' mean.
         self.item_bias = nn.Parameter(torch.zeros(config.n_items))
         self.click_head = Head(dim)
         self.like_head = Head(dim)
+        if config.neighbours:
+            # Each item's neighbours (set from the training data by set_neighbours) and their learned weights.
+            k = config.neighbours
+            self.register_buffer("neighbour_index", torch.arange(config.n_items).unsqueeze(1).repeat(1, k))
+            self.register_buffer("neighbour_real", torch.zeros(config.n_items, k, dtype=torch.bool))
+            self.neighbour_weight = nn.Parameter(torch.zeros(config.n_items, k))
         # Backbone outputs of every item, refreshed during training; buffers travel with state_dict.
         self.register_buffer("text_cache", torch.zeros(config.n_items, text_dim))
         self.register_buffer("warm", torch.ones(config.n_items, dtype=torch.bool))
@@ -110,11 +153,39 @@ class TwoTowerModel(nn.Module):
         read = item_vectors[entries]
         if self.config.use_id_embeddings:
             read = read + self.history_embedding(entries)
+        n_users = counts.shape[0]
+        if self.config.recency_positions:
+            from_end = _positions_from_end(rows, counts).clamp(max=self.config.recency_positions - 1)
+            read = read + self.position_embedding(from_end)
+            weights = _softmax_by_row(self.attention(read).squeeze(-1) + self.recency_logit[from_end], rows, n_users)
+            read = read * weights.unsqueeze(-1).to(read.dtype)
+            divisor = counts.new_ones(counts.shape)
+        else:
+            divisor = counts
         counts = counts.to(item_vectors.dtype).unsqueeze(1)
-        summed = item_vectors.new_zeros(counts.shape[0], item_vectors.shape[1]).index_add_(0, rows, read)
-        pooled = summed / counts.clamp(min=1.0)
+        summed = item_vectors.new_zeros(n_users, item_vectors.shape[1]).index_add_(0, rows, read)
+        pooled = summed / divisor.to(item_vectors.dtype).unsqueeze(1).clamp(min=1.0)
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
+
+    def set_neighbours(self, index: torch.Tensor, real: torch.Tensor) -> None:
+        """Each item's residual neighbours (N × k indices) and which of them are real (N × k, padding False)."""
+        self.neighbour_index.copy_(index)
+        self.neighbour_real.copy_(real)
+
+    def history_scores(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """B × N item-to-item residual of padded histories (``history``, ``mask``: B × L); None without one."""
+        rows, columns = mask.nonzero(as_tuple=True)
+        return self.history_scores_of_entries(history[rows, columns], rows, mask.shape[0])
+
+    def history_scores_of_entries(self, entries: torch.Tensor, rows: torch.Tensor, n_users: int) -> torch.Tensor | None:
+        """:meth:`history_scores` from the listed valid entries (as :meth:`user_vectors_of_entries`)."""
+        if not self.config.neighbours:
+            return None
+        n_items = self.config.n_items
+        weights = self.neighbour_weight[entries] * self.neighbour_real[entries]
+        cells = (rows.unsqueeze(1) * n_items + self.neighbour_index[entries]).reshape(-1)
+        return weights.new_zeros(n_users * n_items).index_add_(0, cells, weights.reshape(-1)).view(n_users, n_items)
 
     def item_biases(self) -> torch.Tensor:
         """Retrieval bias of every item: learned for warm items, their mean for cold ones."""
@@ -122,11 +193,19 @@ class TwoTowerModel(nn.Module):
         return torch.where(self.warm, self.item_bias, warm_mean)
 
     def retrieval_logits(
-        self, users: torch.Tensor, items: torch.Tensor, item_idx: torch.Tensor | None = None
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        item_idx: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """B × N logits of users against item vectors (``item_idx``: their indices; default all items)."""
+        """B × N logits of users against item vectors (``item_idx``: their indices; default all items);
+        ``residual``: the users' B × (all items) :meth:`history_scores`."""
         biases = self.item_biases()
-        return users @ items.T / self.config.temperature + (biases if item_idx is None else biases[item_idx])
+        logits = users @ items.T / self.config.temperature + (biases if item_idx is None else biases[item_idx])
+        if residual is not None:
+            logits = logits + (residual if item_idx is None else residual[:, item_idx])
+        return logits
 
     def head_logits(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Click and like logits of aligned (user, item) vector pairs."""

@@ -134,9 +134,12 @@ class Scorer:
         history = np.stack([r.history for r in requests])
         mask = np.stack([r.mask for r in requests])
         rows, columns = np.nonzero(mask)
-        users = self.model.user_vectors_of_entries(
-            self.item_vectors, self._tensor(history[rows, columns]), self._tensor(rows), self._tensor(mask.sum(axis=1))
-        )
+        entries, entry_rows = self._tensor(history[rows, columns]), self._tensor(rows)
+        counts = self._tensor(mask.sum(axis=1))
+        users = self.model.user_vectors_of_entries(self.item_vectors, entries, entry_rows, counts)
+        # The item-to-item residual makes each user's item bias their own (B × N); without one it is shared.
+        residual = self.model.history_scores_of_entries(entries, entry_rows, len(requests))
+        bias = self.item_bias if residual is None else (residual.float() + self.item_bias).contiguous()
         n_items = self.item_vectors.shape[0]
         excluded, left = None, np.full(len(requests), n_items)
         if exclude_history:
@@ -154,15 +157,17 @@ class Scorer:
         if answerable:
             # One top-k at the largest k; each row keeps its own first k (the answers are in order).
             k_max = max(requests[row].k for row in answerable)
-            chosen, exclude = users, excluded
+            chosen, exclude, chosen_bias = users, excluded, bias
             if len(answerable) < len(requests):
-                chosen = users[self._tensor(np.array(answerable))]
+                picked = self._tensor(np.array(answerable))
+                chosen = users[picked]
                 exclude = None if excluded is None else excluded[answerable]
+                chosen_bias = bias if bias.dim() == 1 else bias[picked].contiguous()
             scores, top = kernels.retrieve_topk(
                 chosen,
                 self.item_vectors,
                 k_max,
-                bias=self.item_bias,
+                bias=chosen_bias,
                 scale=self.scale,
                 exclude=self._tensor(exclude) if exclude is not None and exclude.size else None,
             )
@@ -175,7 +180,8 @@ class Scorer:
         for row, request in enumerate(requests):
             if request.candidates is not None:
                 history_items = None if excluded is None else excluded[row]
-                answers[row] = self._rank_pool(users[row : row + 1], request, history_items)
+                row_bias = bias if bias.dim() == 1 else bias[row]
+                answers[row] = self._rank_pool(users[row : row + 1], request, history_items, row_bias)
         return answers  # type: ignore[return-value]  # every row was answered above
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -183,7 +189,7 @@ class Scorer:
         return torch.from_numpy(array) if self.device.type == "cpu" else torch.as_tensor(array, device=self.device)
 
     def _rank_pool(
-        self, user: torch.Tensor, request: RankInput, excluded: np.ndarray | None
+        self, user: torch.Tensor, request: RankInput, excluded: np.ndarray | None, bias: torch.Tensor
     ) -> RankedIndices | RankRequestError:
         """Rank a request's own candidates (less its history): retrieval over those rows of the index."""
         # Sorted and distinct: ties between pool rows then break by item index, as over the whole catalog.
@@ -194,7 +200,7 @@ class Scorer:
             return RankRequestError(f"k={request.k} but only {pool.size} items are left to recommend")
         rows = self._tensor(pool)
         scores, top = kernels.retrieve_topk(
-            user, self.item_vectors[rows].contiguous(), request.k, bias=self.item_bias[rows], scale=self.scale
+            user, self.item_vectors[rows].contiguous(), request.k, bias=bias[rows].contiguous(), scale=self.scale
         )
         items, item_scores, click, like = self._with_heads(user, scores, rows[top])
         return RankedIndices(items[0], item_scores[0], click[0], like[0])

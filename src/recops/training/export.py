@@ -144,6 +144,8 @@ def load_model(directory: Path, with_backbone: bool = True) -> LoadedModel:
         embedding_dim=spec.training.embedding_dim,
         temperature=spec.training.temperature,
         use_id_embeddings=spec.training.use_id_embeddings,
+        recency_positions=spec.training.recency(),
+        neighbours=spec.training.residual_neighbours(),
     )
     if with_backbone:
         encoder = load_encoder(directory, spec)

@@ -21,6 +21,51 @@ TABLE_METRICS = (
 )
 
 
+Figure = float | Mapping[str, object]  # one seed's number, or {"mean", "std", "values"} over seeds
+
+
+def summarise_seeds(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Figure]]:
+    """Per model and metric, the mean, spread (sample std; 0 for one run) and values over runs (one per seed).
+
+    ``runs``: each seed's ``{model: {metric: number}}``. A single run is returned as it is (plain
+    numbers); a metric that a run lacks is left out of that model, so every summary is over all runs.
+    """
+    if not runs:
+        raise ValueError("no runs to summarise")
+    if len(runs) == 1:
+        return {name: dict(metrics) for name, metrics in runs[0].items()}
+    summary: dict[str, dict[str, Figure]] = {}
+    for name in runs[0]:
+        if not all(name in run for run in runs):
+            raise ValueError(f"model {name!r} is missing from some runs")
+        metrics = [key for key, value in runs[0][name].items() if isinstance(value, int | float)]
+        summary[name] = {}
+        for key in metrics:
+            values = [float(run[name][key]) for run in runs if isinstance(run[name].get(key), int | float)]
+            if len(values) == len(runs):
+                summary[name][key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+                                      "values": values}
+    return summary
+
+
+def mean_of(figure: object) -> float | None:
+    """The number a table shows for a figure: itself, or its mean over seeds (None: not a figure)."""
+    if isinstance(figure, Mapping) and isinstance(figure.get("mean"), int | float):
+        return float(figure["mean"])
+    if isinstance(figure, int | float) and not isinstance(figure, bool):
+        return float(figure)
+    return None
+
+
+def _cell(figure: object, digits: int = 4) -> str:
+    mean = mean_of(figure)
+    if mean is None:
+        return "–"
+    if isinstance(figure, Mapping):
+        return f"{mean:.{digits}f} ± {float(figure['std']):.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
 def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -62,16 +107,20 @@ def validation_figure(valid: Sequence[Mapping[str, float]]):
     return figure
 
 
-def recall_figure(models: Mapping[str, Mapping[str, float]]):
-    """Warm Recall@K and cold Recall@20 per model, side by side."""
+def recall_figure(models: Mapping[str, Mapping[str, object]], wanted: Sequence[str] | None = None):
+    """Warm Recall@K and cold Recall@20 per model, side by side (error bars: the spread over seeds)."""
     names = list(models)
-    wanted = ("recall@10", "recall@20", "recall@50", "cold_recall@20")
+    wanted = wanted or ("recall@10", "recall@20", "recall@50", "cold_recall@20")
     keys = [k for k in wanted if any(k in m for m in models.values())]
     figure, axis = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / max(1, len(keys))
     positions = np.arange(len(names))
     for i, key in enumerate(keys):
-        axis.bar(positions + i * width, [models[n].get(key, np.nan) for n in names], width, label=key)
+        figures = [models[n].get(key) for n in names]
+        heights = [np.nan if mean_of(f) is None else mean_of(f) for f in figures]
+        spreads = [float(f["std"]) if isinstance(f, Mapping) else 0.0 for f in figures]
+        axis.bar(positions + i * width, heights, width, label=key,
+                 yerr=spreads if any(spreads) else None, capsize=2)
     axis.set_xticks(positions + width * (len(keys) - 1) / 2, names, rotation=20, ha="right")
     axis.set_ylabel("recall")
     axis.set_title("Recall, warm and cold items")
@@ -79,9 +128,10 @@ def recall_figure(models: Mapping[str, Mapping[str, float]]):
     return figure
 
 
-def save_recall_plot(models: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """The recall bar chart as a PNG file (for READMEs and notes)."""
-    figure = recall_figure(models)
+def save_recall_plot(models: Mapping[str, Mapping[str, object]], path: Path,
+                     wanted: Sequence[str] | None = None) -> Path:
+    """The recall bar chart as a PNG file (for READMEs and notes); ``wanted``: the metrics to draw."""
+    figure = recall_figure(models, wanted)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -101,11 +151,11 @@ def metrics_table(models: Mapping[str, Mapping[str, float]]) -> str:
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> str:
-    """The same table as Markdown (for the README and notes)."""
+def markdown_table(models: Mapping[str, Mapping[str, object]], columns: Sequence[str]) -> str:
+    """The same table as Markdown (for the README and notes): a figure over seeds reads ``mean ± std``."""
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in models.items():
-        cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float | int) else "–" for c in columns]
+        cells = [_cell(metrics.get(c), 1 if c == "train_seconds" else 4) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

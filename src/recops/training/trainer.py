@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from recops.api.recmodel import LossWeights, RecModelSpec
-from recops.data.features import Histories, history_matrix
+from recops.data.features import Histories, history_columns, history_matrix
 from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
 from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
+from recops.models.neighbours import cosine_neighbours, neighbour_table
 from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
 from recops.training.distillation import Teacher, distilled_bce, distilled_softmax, load_teacher
 from recops.training.distributed import World, barrier, stepper, world_from_env
@@ -102,7 +103,10 @@ class ModelScorer:
 
     @torch.no_grad()
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        return self.model.retrieval_logits(self.user_vectors(users), self.item_vectors).float().numpy()
+        history = torch.as_tensor(self.histories.items[users])
+        residual = self.model.history_scores(history, torch.as_tensor(self.histories.mask[users]))
+        logits = self.model.retrieval_logits(self.user_vectors(users), self.item_vectors, residual=residual)
+        return logits.float().numpy()
 
     @torch.no_grad()
     def score_pairs(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,11 +126,16 @@ def build_model(spec: RecModelSpec, data: InteractionData) -> tuple[TwoTowerMode
         embedding_dim=spec.training.embedding_dim,
         temperature=spec.training.temperature,
         use_id_embeddings=spec.training.use_id_embeddings,
+        recency_positions=spec.training.recency(),
+        neighbours=spec.training.residual_neighbours(),
     )
     torch.manual_seed(spec.training.seed)
     model = TwoTowerModel(encoder, encoder.hidden_size, config)
     model.warm.copy_(torch.as_tensor(data.warm_mask))
     model.text_cache.copy_(encoder.encode_all(tokens))
+    if config.neighbours:
+        index, real = neighbour_table(cosine_neighbours(data.train_matrix(), config.neighbours), config.neighbours)
+        model.set_neighbours(torch.as_tensor(index), torch.as_tensor(real))
     return model, tokens
 
 
@@ -222,6 +231,8 @@ def train(
     pos_users = data.train[USER_IDX].to_numpy()
     pos_items = data.train[ITEM_IDX].to_numpy()
     pos_likes = data.train[LIKE].to_numpy()
+    pos_columns = history_columns(data.train, spec.data.history_length)  # each target's place in its history
+    next_item_fraction = cfg.next_item()
     exposures = data.exposures
     exp_users = exposures[USER_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
     exp_items = exposures[ITEM_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
@@ -265,11 +276,19 @@ def train(
             id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
             hidden = torch.rand((len(full), hist_items.shape[1]), generator=generator)[rows].to(device)
             hidden = hidden < cfg.history_dropout
+            # Next-item samples read only what came before their target; the others every other item.
+            next_item = (torch.rand(len(full), generator=generator)[rows] < next_item_fraction).to(device)
+            readable = None
+            if next_item_fraction > 0:
+                target_columns = torch.as_tensor(pos_columns[batch], device=device).unsqueeze(1)
+                columns = torch.arange(hist_items.shape[1], device=device)
+                readable = ~next_item.unsqueeze(1) | (columns < target_columns)
 
             excluded = None
             if full_softmax:
                 excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
-            step_batch = StepBatch(users, items, likes, neg_items, fresh_items, id_keep, hidden, excluded)
+            step_batch = StepBatch(users, items, likes, neg_items, fresh_items, id_keep, hidden, excluded,
+                                   readable)
             loss, retrieval, click_loss, like_loss, fresh_text = run_step(partial(_step_loss, batch=step_batch,
                                                                                    context=context))
 
@@ -324,6 +343,7 @@ class StepBatch:
     id_keep: torch.Tensor
     hidden: torch.Tensor  # history entries dropped this step
     excluded: torch.Tensor | None  # full softmax: each row's other positives and the cold items
+    readable: torch.Tensor | None = None  # history entries a sample may read (next-item: before its target)
 
 
 @dataclass(frozen=True)
@@ -352,9 +372,13 @@ def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> t
         vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
         history, seen = context.hist_items[batch.users], context.hist_mask[batch.users]
         seen = seen & (history != batch.items.unsqueeze(1))  # the target is what is predicted, not read
-        user_vec = m.user_vectors(vectors, history, seen & ~batch.hidden)
+        if batch.readable is not None:
+            seen = seen & batch.readable
+        read = seen & ~batch.hidden
+        user_vec = m.user_vectors(vectors, history, read)
         teacher = context.teacher if context.teacher is not None and context.teacher.distils_retrieval else None
-        retrieval = _retrieval_loss(m, user_vec, vectors, batch.items, batch.excluded, teacher, history, seen)
+        retrieval = _retrieval_loss(m, user_vec, vectors, batch.items, batch.excluded, teacher, history, seen,
+                                    m.history_scores(history, read))
         click, like = _head_losses(
             m, user_vec, vectors, batch.items, batch.negatives, batch.likes, context.teacher, batch.users
         )
@@ -372,8 +396,11 @@ def _retrieval_loss(
     teacher: Teacher | None = None,
     history: torch.Tensor | None = None,
     seen: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The retrieval softmax loss of user vectors ``users`` (B) against their targets ``items`` (B).
+
+    ``residual``: the users' item-to-item scores (B × N, :meth:`TwoTowerModel.history_scores`).
 
     With ``excluded`` (B × N: cold items, the user's other positives) the softmax spans the whole
     catalog less those; without it (large catalogs), the batch's positives. With a ``teacher`` that
@@ -384,10 +411,10 @@ def _retrieval_loss(
     if excluded is not None:
         excluded = excluded.clone()
         excluded[arange, items] = False  # never the target itself
-        logits = model.retrieval_logits(users, vectors).masked_fill(excluded, -1e4)
+        logits = model.retrieval_logits(users, vectors, residual=residual).masked_fill(excluded, -1e4)
         targets, columns, candidates = items, None, ~excluded
     else:
-        logits = model.retrieval_logits(users, vectors[items], items)
+        logits = model.retrieval_logits(users, vectors[items], items, residual)
         targets, columns, candidates = arange, items, None
     if teacher is None or history is None or seen is None:
         return F.cross_entropy(logits.float(), targets)

@@ -25,7 +25,8 @@ from recops.models.two_tower import TwoTowerModel
 # Tensors with one row per item, in the catalog's order.
 ITEM_ROWS = frozenset({"id_embedding.weight", "history_embedding.weight", "item_bias"})
 # Recomputed from the new catalog and data.
-DERIVED = frozenset({"text_cache", "warm"})
+# The residual's neighbours are item indices of the old catalog: recomputed, their weights learned again.
+DERIVED = frozenset({"text_cache", "warm", "neighbour_index", "neighbour_real", "neighbour_weight"})
 
 
 class WarmStartMismatch(ValueError):

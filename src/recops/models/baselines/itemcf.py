@@ -8,17 +8,9 @@ import scipy.sparse as sp
 
 from recops.data.interactions import InteractionData
 from recops.models.baselines.base import Recommender
+from recops.models.neighbours import cosine_neighbours, top_k_per_row
 
-
-def top_k_per_row(matrix: sp.spmatrix, k: int) -> sp.csr_matrix:
-    """``matrix`` with only the ``k`` largest stored values of each row kept (ties by column order)."""
-    coo = sp.coo_matrix(matrix)
-    order = np.lexsort((coo.col, -coo.data, coo.row))
-    rows = coo.row[order]
-    row_starts = np.searchsorted(rows, np.arange(coo.shape[0]))
-    rank = np.arange(rows.size) - row_starts[rows]
-    keep = order[rank < k]
-    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=coo.shape)
+__all__ = ["ItemCF", "top_k_per_row"]
 
 
 class ItemCF(Recommender):
@@ -43,13 +35,8 @@ class ItemCF(Recommender):
 
     def _fit(self, data: InteractionData) -> None:
         history = data.train_matrix()
-        cooccurrence = (history.T @ history).tocoo()
-        norms = np.sqrt(cooccurrence.diagonal())
-        off_diagonal = cooccurrence.row != cooccurrence.col
-        rows, cols = cooccurrence.row[off_diagonal], cooccurrence.col[off_diagonal]
-        cosine = cooccurrence.data[off_diagonal] / (norms[rows] * norms[cols] + self.shrink)
         # Row j holds the neighbours of target item j; scoring needs them as column j.
-        neighbours = top_k_per_row(sp.coo_matrix((cosine, (rows, cols)), shape=cooccurrence.shape), self.k)
+        neighbours = cosine_neighbours(history, self.k, self.shrink)
         self._history = history
         self._similarity = neighbours.T.tocsr().astype(np.float32)
 
