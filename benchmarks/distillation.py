@@ -72,7 +72,8 @@ HISTORY_LENGTH = 600  # as benchmarks/quality.py: every training item of every M
 K = 20
 RECALL_TARGET = 0.95  # student Recall@20 / teacher's, at least
 LATENCY_TARGET = 0.50  # student latency / teacher's, at most
-# The teacher is benchmarks/quality.py's best two-tower (`twotower_frozen`: MiniLM as shipped, d=256).
+# The teacher: MiniLM as shipped, d=256 (the settings of benchmarks/quality.py's two-tower before its
+# order-aware tower and residual).
 _TRAINING = {"epochs": 6, "batchSize": 512, "temperature": 0.05, "historyDropout": 0.7, "textItemsPerStep": 0}
 QUICK_DATA = {"users": 150, "items": 80, "days": 10, "seed": 4}
 

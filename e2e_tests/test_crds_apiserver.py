@@ -141,7 +141,12 @@ def test_a_good_manifest_is_accepted_with_defaults(cluster, apply_crds, namespac
     short = {"RecModel": "rm", "RecExperiment": "rexp"}[manifest["kind"]]
     stored = cluster.kubectl.json("get", short, manifest["metadata"]["name"], "-n", namespace)
     if manifest["kind"] == "RecModel":
-        assert stored["spec"]["training"]["epochs"] == 10 and stored["spec"]["lora"]["r"] == 32
+        from recops.api.recmodel import RecModelSpec
+
+        # The apiserver fills in what the spec model would: no lora section is LoRA off, at its default rank.
+        defaults = RecModelSpec.model_validate(manifest["spec"]).to_manifest_dict()
+        assert stored["spec"]["training"]["epochs"] == defaults["training"]["epochs"]
+        assert stored["spec"]["lora"] == defaults["lora"] and stored["spec"]["lora"]["enabled"] is False
         assert stored["spec"]["serving"]["resources"]["memory"] == "8Gi"
         if "retrain" in manifest["spec"]:
             assert stored["spec"]["retrain"]["rollout"] == "experiment"  # never blind by default

@@ -30,7 +30,8 @@ def student_spec(teacher_dir, weight: float, retrieval_weight: float | None = No
         "data": {"source": "synthetic", "synthetic": {"users": 150, "items": 80, "days": 10, "seed": 4}},
         "backbone": {"name": "builtin:tiny-qwen2", "maxSeqLength": 16},
         "lora": {"r": 2, "alpha": 4},
-        "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 16, "textItemsPerStep": 0},
+        "training": {"epochs": 1, "batchSize": 128, "embeddingDim": 16, "textItemsPerStep": 0,
+                     "neighbours": 8},  # a small student: a short item-to-item residual
         "distillation": distillation,
     })
 

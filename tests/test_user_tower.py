@@ -35,7 +35,8 @@ def test_the_order_aware_tower_starts_as_the_mean_so_models_exported_before_it_l
     mean, aware = _model(0), _model(50)
     # A model exported with mean pooling has none of the new weights: loading it leaves them at zero.
     missing = aware.load_state_dict(mean.state_dict(), strict=False).missing_keys
-    assert set(missing) == {"position_embedding.weight", "recency_logit", "attention.weight", "attention.bias"}
+    assert set(missing) == {"position_embedding.weight", "recency_logit", "attention.weight", "attention.bias",
+                            "recency_gate"}
     items, mask = _histories()
     with torch.no_grad():
         vectors = mean.item_vectors()
@@ -46,7 +47,8 @@ def test_the_order_aware_tower_starts_as_the_mean_so_models_exported_before_it_l
 def test_a_learned_recency_weight_makes_the_newest_items_count_most():
     model = _model(4)
     with torch.no_grad():
-        model.recency_logit.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))  # the newest entry dominates
+        model.recency_logit.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))  # the newest entry dominates the read
+        model.recency_gate.fill_(50.0)  # and the read dominates the mean
         vectors = model.item_vectors()
         items = torch.tensor([[3, 7, 11], [11, 7, 3]])  # the same items, newest last
         mask = torch.ones_like(items, dtype=torch.bool)
@@ -119,3 +121,28 @@ def test_next_item_samples_teach_the_tower_what_comes_next(chains, tmp_path):
     # The chain makes the next item certain; the mean of the walk only says "somewhere near".
     assert recall["next"] > 0.8, recall
     assert recall["next"] > recall["bag"] + 0.2, recall
+
+
+def test_the_item_to_item_residual_adds_each_history_items_neighbour_weights_over_root_length():
+    torch.manual_seed(0)
+    model = TwoTowerModel(None, 16, TwoTowerConfig(n_items=6, embedding_dim=8, neighbours=2))
+    index = torch.tensor([[1, 2], [0, 0], [3, 2], [2, 2], [5, 5], [4, 4]])
+    real = torch.tensor([[True, True], [True, False], [True, False], [True, False], [False, False], [False, False]])
+    prior = torch.tensor([[0.5, 0.25], [0.5, 9.0], [0.2, 9.0], [0.2, 9.0], [9.0, 9.0], [9.0, 9.0]])
+    model.set_neighbours(index, real, prior)
+    history = torch.tensor([[0, 2], [4, 4]])
+    mask = torch.tensor([[True, True], [True, False]])
+    # At the start both the scale and the corrections are 0: no residual, the towers alone.
+    assert not model.history_scores(history, mask).any()
+    with torch.no_grad():
+        model.residual_scale.fill_(2.0)
+        model.neighbour_weight[0, 0] = 1.0
+    scores = model.history_scores(history, mask)
+    root = 2 ** 0.5
+    # User 0 read items 0 and 2: item 1 gets 1 + 2·0.5, item 2 gets 2·0.25, item 3 gets 2·0.2; padding adds nothing.
+    assert torch.allclose(scores[0], torch.tensor([0.0, 2.0 / root, 0.5 / root, 0.4 / root, 0.0, 0.0]))
+    assert not scores[1].any()  # item 4 has no neighbours
+    # The warm start recomputes the neighbours of a new catalog rather than carry old indices.
+    from recops.training.warm_start import DERIVED
+
+    assert {"neighbour_index", "neighbour_real", "neighbour_prior", "neighbour_weight"} <= DERIVED

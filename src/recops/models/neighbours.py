@@ -33,8 +33,9 @@ def cosine_neighbours(history: sp.spmatrix, k: int, shrink: float = 0.0) -> sp.c
     return top_k_per_row(sp.coo_matrix((cosine, (rows, cols)), shape=cooccurrence.shape), k)
 
 
-def neighbour_table(neighbours: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``neighbours`` as dense N × k tables: each row's neighbour indices (best first) and which are real.
+def neighbour_table(neighbours: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``neighbours`` as dense N × k tables: each row's neighbour indices (best first), which are real and
+    their similarity.
 
     Rows with fewer than ``k`` neighbours are padded with their own index, marked not real.
     """
@@ -46,6 +47,8 @@ def neighbour_table(neighbours: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.n
     keep = rank < k
     index = np.repeat(np.arange(n, dtype=np.int64)[:, None], k, axis=1)
     real = np.zeros((n, k), dtype=bool)
+    similarity = np.zeros((n, k), dtype=np.float32)
     index[rows[keep], rank[keep]] = coo.col[order][keep]
     real[rows[keep], rank[keep]] = True
-    return index, real
+    similarity[rows[keep], rank[keep]] = coo.data[order][keep]
+    return index, real, similarity

@@ -7,18 +7,19 @@ they are in the catalog.
 
 User tower: the user's recent history read as item-tower vectors (as HLLM
 does), so each distinct item is encoded once per step rather than once per user,
-pooled and passed through a residual MLP. The pooling is attention over the
-history, aware of order: each entry carries an embedding of its position from the
-end (the newest is 0) and a learned recency logit, so the tower can weigh the
-last items most where order matters (next-item data) and spread its weight where
-it does not. At initialisation every weight is equal and every position
-embedding zero: the plain mean (what models exported before it load as).
+pooled and passed through a residual MLP. The pooling is the mean plus a gated
+attention read that is aware of order: each entry carries an embedding of its
+position from the end (the newest is 0) and a learned recency logit, so the tower
+can weigh the last items most where order matters (next-item data) and leave the
+mean alone where it does not. The gate starts at zero: the plain mean (what
+models exported before it load as).
 
 Retrieval score: cosine of the normalised user and item vectors over a
-temperature, plus an item-to-item residual: each history item adds a learned
-weight to each of its top-k co-occurrence neighbours (sparse, EASE-like, k per
-item so it scales with the catalog, not its square). The weights start at zero:
-the residual learns what the towers' dot product misses. Click and like heads
+temperature, plus an item-to-item residual: each history item adds a weight to
+each of its top-k co-occurrence neighbours (sparse, EASE-like, k per item so it
+scales with the catalog, not its square): the pair's cosine times a learned
+scale, plus a learned per-pair correction, both starting at zero, summed over
+the history and divided by the square root of its length. Click and like heads
 read ``[u, v, u*v]``.
 """
 
@@ -103,6 +104,7 @@ class TwoTowerModel(nn.Module):
             self.attention = nn.Linear(dim, 1)
             nn.init.zeros_(self.attention.weight)
             nn.init.zeros_(self.attention.bias)
+            self.recency_gate = nn.Parameter(torch.zeros(()))
         self.empty_history = nn.Parameter(torch.zeros(dim))
         # A per-item popularity prior on the retrieval logit; cold items get the warm items' mean.
         self.item_bias = nn.Parameter(torch.zeros(config.n_items))
@@ -113,6 +115,10 @@ class TwoTowerModel(nn.Module):
             k = config.neighbours
             self.register_buffer("neighbour_index", torch.arange(config.n_items).unsqueeze(1).repeat(1, k))
             self.register_buffer("neighbour_real", torch.zeros(config.n_items, k, dtype=torch.bool))
+            # The co-occurrence cosine of each pair (ItemCF's weights), scaled by one learned number, plus a
+            # learned per-pair correction that starts at zero.
+            self.register_buffer("neighbour_prior", torch.zeros(config.n_items, k))
+            self.residual_scale = nn.Parameter(torch.zeros(()))
             self.neighbour_weight = nn.Parameter(torch.zeros(config.n_items, k))
         # Backbone outputs of every item, refreshed during training; buffers travel with state_dict.
         self.register_buffer("text_cache", torch.zeros(config.n_items, text_dim))
@@ -153,25 +159,27 @@ class TwoTowerModel(nn.Module):
         read = item_vectors[entries]
         if self.config.use_id_embeddings:
             read = read + self.history_embedding(entries)
-        n_users = counts.shape[0]
-        if self.config.recency_positions:
-            from_end = _positions_from_end(rows, counts).clamp(max=self.config.recency_positions - 1)
-            read = read + self.position_embedding(from_end)
-            weights = _softmax_by_row(self.attention(read).squeeze(-1) + self.recency_logit[from_end], rows, n_users)
-            read = read * weights.unsqueeze(-1).to(read.dtype)
-            divisor = counts.new_ones(counts.shape)
-        else:
-            divisor = counts
+        n_users, lengths = counts.shape[0], counts
         counts = counts.to(item_vectors.dtype).unsqueeze(1)
         summed = item_vectors.new_zeros(n_users, item_vectors.shape[1]).index_add_(0, rows, read)
-        pooled = summed / divisor.to(item_vectors.dtype).unsqueeze(1).clamp(min=1.0)
+        pooled = summed / counts.clamp(min=1.0)
+        if self.config.recency_positions:
+            # The attention read is added to the mean through a gate that starts at 0: the tower
+            # starts as (and, where order says nothing, can stay) the plain mean.
+            from_end = _positions_from_end(rows, lengths).clamp(max=self.config.recency_positions - 1)
+            keyed = read + self.position_embedding(from_end)
+            weights = _softmax_by_row(self.attention(keyed).squeeze(-1) + self.recency_logit[from_end], rows, n_users)
+            attended = torch.zeros_like(pooled).index_add_(0, rows, keyed * weights.unsqueeze(-1).to(keyed.dtype))
+            pooled = pooled + self.recency_gate * attended
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
 
-    def set_neighbours(self, index: torch.Tensor, real: torch.Tensor) -> None:
-        """Each item's residual neighbours (N × k indices) and which of them are real (N × k, padding False)."""
+    def set_neighbours(self, index: torch.Tensor, real: torch.Tensor, prior: torch.Tensor) -> None:
+        """Each item's residual neighbours (N × k indices), which of them are real (N × k, padding False)
+        and their co-occurrence similarity (N × k)."""
         self.neighbour_index.copy_(index)
         self.neighbour_real.copy_(real)
+        self.neighbour_prior.copy_(prior * real)
 
     def history_scores(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """B × N item-to-item residual of padded histories (``history``, ``mask``: B × L); None without one."""
@@ -183,7 +191,11 @@ class TwoTowerModel(nn.Module):
         if not self.config.neighbours:
             return None
         n_items = self.config.n_items
-        weights = self.neighbour_weight[entries] * self.neighbour_real[entries]
+        weights = self.neighbour_weight[entries] + self.residual_scale * self.neighbour_prior[entries]
+        # Over the square root of the history's length: a sum over hundreds of items would drown the
+        # towers' score for heavy users, a mean would wash it out (ML-100K: R@10 0.2919 against 0.2791, 0.2840).
+        lengths = weights.new_zeros(n_users).index_add_(0, rows, torch.ones_like(rows, dtype=weights.dtype))
+        weights = weights * (self.neighbour_real[entries] / lengths.clamp(min=1.0).sqrt()[rows].unsqueeze(1))
         cells = (rows.unsqueeze(1) * n_items + self.neighbour_index[entries]).reshape(-1)
         return weights.new_zeros(n_users * n_items).index_add_(0, cells, weights.reshape(-1)).view(n_users, n_items)
 

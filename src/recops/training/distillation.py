@@ -68,12 +68,17 @@ class Teacher:
         """Teacher retrieval logits (B × C) of the users with ``history``/``mask`` (B × L, student item rows)
         against ``items`` (C student item rows; default the whole catalog), and which of those it knows (C)."""
         rows = self.teacher_rows[history]
-        users = self.model.user_vectors(self.teacher_index, rows.clamp(min=0), mask & (rows >= 0))
+        readable = mask & (rows >= 0)
+        users = self.model.user_vectors(self.teacher_index, rows.clamp(min=0), readable)
         if items is None:
             vectors, bias, known = self.item_vectors, self.item_bias, self.known
         else:
             vectors, bias, known = self.item_vectors[items], self.item_bias[items], self.known[items]
         logits = users @ vectors.T / self.model.config.temperature + bias
+        residual = self.model.history_scores(rows.clamp(min=0), readable)  # over the teacher's own items
+        if residual is not None:
+            columns = self.teacher_rows if items is None else self.teacher_rows[items]
+            logits = logits + torch.where(columns >= 0, residual[:, columns.clamp(min=0)], 0.0)
         return logits.float(), known
 
     @torch.no_grad()

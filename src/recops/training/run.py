@@ -6,6 +6,7 @@ uses the same pieces so its figures describe what users get.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from recops.data.interactions import InteractionData
 from recops.data.io import DataFormatError, resolve_uri
 from recops.data.prepare import prepare
 from recops.models.backbone import BackboneError
-from recops.models.baselines import make_baseline
+from recops.models.baselines import BASELINES, make_baseline
 from recops.models.two_tower import TwoTowerModel
 from recops.training.distillation import TeacherError
 from recops.training.distributed import start, stop, world_from_env
@@ -44,11 +45,15 @@ class TrainingFailed(RuntimeError):
 
 def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 0,
                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """Fit and evaluate each named baseline on ``data`` at the cut-offs ``ks``; adds ``train_seconds``."""
+    """Fit and evaluate each named baseline on ``data`` at the cut-offs ``ks``; adds ``train_seconds``.
+
+    ``seed`` also seeds the baselines that draw (BPR, SASRec), so a spread over seeds includes theirs.
+    """
     results: dict[str, dict[str, float]] = {}
     for name in names:
         started = time.perf_counter()
-        model = make_baseline(name)
+        seeded = "seed" in inspect.signature(BASELINES[name]).parameters
+        model = make_baseline(name, **({"seed": seed} if seeded else {}))
         model.fit(data)
         seconds = time.perf_counter() - started
         results[name] = {**evaluate(model, data, ks=ks, seed=seed), "train_seconds": seconds}

@@ -134,8 +134,8 @@ def build_model(spec: RecModelSpec, data: InteractionData) -> tuple[TwoTowerMode
     model.warm.copy_(torch.as_tensor(data.warm_mask))
     model.text_cache.copy_(encoder.encode_all(tokens))
     if config.neighbours:
-        index, real = neighbour_table(cosine_neighbours(data.train_matrix(), config.neighbours), config.neighbours)
-        model.set_neighbours(torch.as_tensor(index), torch.as_tensor(real))
+        tables = neighbour_table(cosine_neighbours(data.train_matrix(), config.neighbours), config.neighbours)
+        model.set_neighbours(*(torch.as_tensor(table) for table in tables))
     return model, tokens
 
 

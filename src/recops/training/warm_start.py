@@ -26,7 +26,7 @@ from recops.models.two_tower import TwoTowerModel
 ITEM_ROWS = frozenset({"id_embedding.weight", "history_embedding.weight", "item_bias"})
 # Recomputed from the new catalog and data.
 # The residual's neighbours are item indices of the old catalog: recomputed, their weights learned again.
-DERIVED = frozenset({"text_cache", "warm", "neighbour_index", "neighbour_real", "neighbour_weight"})
+DERIVED = frozenset({"text_cache", "warm", "neighbour_index", "neighbour_real", "neighbour_prior", "neighbour_weight"})
 
 
 class WarmStartMismatch(ValueError):
