@@ -12,12 +12,12 @@ from scipy.stats import mannwhitneyu
 
 from _factories import make_data
 from recops.data.interactions import InteractionData
+from recops.data.samples import sample_unseen_items
 from recops.training.evaluation import (
     Scorer,
     auc,
     evaluate,
     ranking_metrics,
-    sample_unseen_items,
 )
 
 

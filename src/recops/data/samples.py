@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,49 @@ def negatives_by_positive(samples: ClickSamples, pos_users: np.ndarray, negative
     rank[by_user] = np.arange(len(pos_users)) - np.searchsorted(sorted_users, sorted_users)
     index = first_negative[:, None] + rank[:, None] * negatives + np.arange(negatives)
     return neg_items[index]
+
+
+def pair_keys(matrix: sp.spmatrix) -> np.ndarray:
+    """Sorted, unique ``row * n_cols + col`` keys of the stored non-zero entries of ``matrix``."""
+    csr = sp.csr_matrix(matrix, copy=True)
+    csr.eliminate_zeros()
+    csr.sum_duplicates()  # canonical CSR: rows ascending, columns sorted, so the keys come out sorted
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    return rows * csr.shape[1] + csr.indices.astype(np.int64)
+
+
+def contains_keys(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``keys`` occur in ``sorted_keys``."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[pos] == keys
+
+
+def sample_unseen_items(
+    users: np.ndarray,
+    seen: sp.spmatrix,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    max_rounds: int = 100,
+) -> np.ndarray:
+    """For each of ``users``, an item drawn uniformly from ``pool`` that is not in the user's row of ``seen``.
+
+    Rejection sampling, vectorised over all entries: clashes are redrawn up to
+    ``max_rounds`` times. Entries still without an item (a user who has seen the
+    whole pool) get -1.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    pool = np.asarray(pool, dtype=np.int64)
+    seen_keys = pair_keys(seen)
+    n_cols = seen.shape[1]
+    items = np.full(users.size, -1, dtype=np.int64)
+    pending = np.arange(users.size)
+    for _ in range(max_rounds):
+        if pending.size == 0 or pool.size == 0:
+            break
+        draws = pool[rng.integers(0, pool.size, size=pending.size)]
+        clash = contains_keys(seen_keys, users[pending] * n_cols + draws)
+        items[pending[~clash]] = draws[~clash]
+        pending = pending[clash]
+    return items

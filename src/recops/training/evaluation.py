@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from scipy.stats import rankdata
 
 from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
+from recops.data.samples import contains_keys, pair_keys, sample_unseen_items
 
 DEFAULT_KS = (10, 20, 50, 100)
 NEGATIVES_PER_POSITIVE = 4
@@ -82,52 +83,6 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(u_statistic / (n_pos * n_neg))
 
 
-def pair_keys(matrix: sp.spmatrix) -> np.ndarray:
-    """Sorted, unique ``row * n_cols + col`` keys of the stored non-zero entries of ``matrix``."""
-    csr = sp.csr_matrix(matrix, copy=True)
-    csr.eliminate_zeros()
-    csr.sum_duplicates()  # canonical CSR: rows ascending, columns sorted, so the keys come out sorted
-    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
-    return rows * csr.shape[1] + csr.indices.astype(np.int64)
-
-
-def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Boolean mask: which of ``keys`` occur in ``sorted_keys``."""
-    if sorted_keys.size == 0:
-        return np.zeros(keys.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-    return sorted_keys[pos] == keys
-
-
-def sample_unseen_items(
-    users: np.ndarray,
-    seen: sp.spmatrix,
-    pool: np.ndarray,
-    rng: np.random.Generator,
-    max_rounds: int = 100,
-) -> np.ndarray:
-    """For each of ``users``, an item drawn uniformly from ``pool`` that is not in the user's row of ``seen``.
-
-    Rejection sampling, vectorised over all entries: clashes are redrawn up to
-    ``max_rounds`` times. Entries still without an item (a user who has seen the
-    whole pool) get -1.
-    """
-    users = np.asarray(users, dtype=np.int64)
-    pool = np.asarray(pool, dtype=np.int64)
-    seen_keys = pair_keys(seen)
-    n_cols = seen.shape[1]
-    items = np.full(users.size, -1, dtype=np.int64)
-    pending = np.arange(users.size)
-    for _ in range(max_rounds):
-        if pending.size == 0 or pool.size == 0:
-            break
-        draws = pool[rng.integers(0, pool.size, size=pending.size)]
-        clash = _contains(seen_keys, users[pending] * n_cols + draws)
-        items[pending[~clash]] = draws[~clash]
-        pending = pending[clash]
-    return items
-
-
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     cutoffs = tuple(sorted({int(k) for k in ks}))
     if not cutoffs or cutoffs[0] < 1:
@@ -177,7 +132,7 @@ def ranking_metrics(scores: np.ndarray, truth: sp.spmatrix, ks: Sequence[int]) -
     top, top_scores = _top_items(scores, depth)
     truth_keys = pair_keys(truth)
     rows = np.arange(n_users, dtype=np.int64)[:, None]
-    hits = _contains(truth_keys, rows * n_candidates + top) & (top_scores > -np.inf)
+    hits = contains_keys(truth_keys, rows * n_candidates + top) & (top_scores > -np.inf)
     n_truth = np.bincount(truth_keys // n_candidates, minlength=n_users).astype(np.float64)
 
     discounts = 1.0 / np.log2(np.arange(2, depth + 2))

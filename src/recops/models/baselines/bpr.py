@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from recops.data.interactions import InteractionData
+from recops.data.samples import sample_unseen_items
 from recops.models.baselines.base import Recommender
-from recops.training.evaluation import sample_unseen_items
 
 
 class BPR(Recommender):
