@@ -122,8 +122,10 @@ def recall_figure(models: Mapping[str, Mapping[str, object]], wanted: Sequence[s
         axis.bar(positions + i * width, heights, width, label=key,
                  yerr=spreads if any(spreads) else None, capsize=2)
     axis.set_xticks(positions + width * (len(keys) - 1) / 2, names, rotation=20, ha="right")
-    axis.set_ylabel("recall")
-    axis.set_title("Recall, warm and cold items")
+    ranked = any(key.startswith("ndcg") for key in keys)
+    axis.set_ylabel("recall / NDCG" if ranked else "recall")
+    axis.set_title(("Recall and NDCG" if ranked else "Recall")
+                   + (", warm and cold items" if any(k.startswith("cold") for k in keys) else ""))
     axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
