@@ -42,10 +42,11 @@ class EASE(Recommender):
             modelled = np.sort(np.argsort(-counts, kind="stable")[: self.max_items])
             history = history[:, modelled]
         dtype = np.float64 if history.shape[1] <= self.float64_items else np.float32
-        gram = (history.T @ history).toarray().astype(dtype, copy=False)
+        gram = (history.T @ history).astype(dtype).toarray()  # cast while sparse: no float64 dense copy
         diagonal = np.diag_indices_from(gram)
         gram[diagonal] += self.lam
-        precision = linalg.inv(gram, overwrite_a=True, check_finite=False)  # in place: no second matrix
+        # In place (no second matrix) needs Fortran order: the Gram matrix is symmetric, so its transpose is it.
+        precision = linalg.inv(gram.T, overwrite_a=True, check_finite=False).T
         del gram
         precision /= -np.diag(precision).copy()
         precision[diagonal] = 0.0
