@@ -184,18 +184,21 @@ class TwoTowerModel(nn.Module):
     def history_scores(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """B × N item-to-item residual of padded histories (``history``, ``mask``: B × L); None without one."""
         rows, columns = mask.nonzero(as_tuple=True)
-        return self.history_scores_of_entries(history[rows, columns], rows, mask.shape[0])
+        return self.history_scores_of_entries(history[rows, columns], rows, mask.sum(dim=1))
 
-    def history_scores_of_entries(self, entries: torch.Tensor, rows: torch.Tensor, n_users: int) -> torch.Tensor | None:
-        """:meth:`history_scores` from the listed valid entries (as :meth:`user_vectors_of_entries`)."""
+    def history_scores_of_entries(
+        self, entries: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor | None:
+        """:meth:`history_scores` from the listed valid entries and each user's count (as
+        :meth:`user_vectors_of_entries`)."""
         if not self.config.neighbours:
             return None
-        n_items = self.config.n_items
+        n_items, n_users = self.config.n_items, counts.shape[0]
         weights = self.neighbour_weight[entries] + self.residual_scale * self.neighbour_prior[entries]
         # Over the square root of the history's length: a sum over hundreds of items would drown the
         # towers' score for heavy users, a mean would wash it out (ML-100K: R@10 0.2919 against 0.2791, 0.2840).
-        lengths = weights.new_zeros(n_users).index_add_(0, rows, torch.ones_like(rows, dtype=weights.dtype))
-        weights = weights * (self.neighbour_real[entries] / lengths.clamp(min=1.0).sqrt()[rows].unsqueeze(1))
+        roots = counts.to(weights.dtype).clamp(min=1.0).sqrt()
+        weights = weights * (self.neighbour_real[entries] / roots[rows].unsqueeze(1))
         cells = (rows.unsqueeze(1) * n_items + self.neighbour_index[entries]).reshape(-1)
         return weights.new_zeros(n_users * n_items).index_add_(0, cells, weights.reshape(-1)).view(n_users, n_items)
 

@@ -138,7 +138,7 @@ class Scorer:
         counts = self._tensor(mask.sum(axis=1))
         users = self.model.user_vectors_of_entries(self.item_vectors, entries, entry_rows, counts)
         # The item-to-item residual makes each user's item bias their own (B × N); without one it is shared.
-        residual = self.model.history_scores_of_entries(entries, entry_rows, len(requests))
+        residual = self.model.history_scores_of_entries(entries, entry_rows, counts)
         bias = self.item_bias if residual is None else (residual.float() + self.item_bias).contiguous()
         n_items = self.item_vectors.shape[0]
         excluded, left = None, np.full(len(requests), n_items)
