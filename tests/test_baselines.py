@@ -192,7 +192,9 @@ def test_sasrec_learns_what_comes_next_and_reads_the_valid_item_at_test_time() -
         make_data(n_users, n_items), protocol="loo", train=walks.filter(pl.col("timestamp") < length - 2),
         valid=walks.filter(pl.col("timestamp") == length - 2), test=walks.filter(pl.col("timestamp") == length - 1))
     recall = {}
-    for name, params in (("sasrec", {"epochs": 40, "dim": 16, "max_length": 10, "batch_size": 64}), ("pop", {})):
+    # A toy walk learns faster with less dropout and a larger step than Beauty's published settings.
+    toy = {"epochs": 40, "dim": 16, "max_length": 10, "batch_size": 64, "dropout": 0.2, "lr": 1e-3}
+    for name, params in (("sasrec", toy), ("pop", {})):
         model = make_baseline(name, **params)
         model.fit(data)
         recall[name] = evaluate(model, data, ks=(1, 5), with_auc=False)["recall@1"]
@@ -208,7 +210,31 @@ def test_sasrec_learns_what_comes_next_and_reads_the_valid_item_at_test_time() -
 @pytest.mark.parametrize(("params", "message"), [
     ({"dim": 0}, "need dim, blocks"), ({"epochs": -1}, "epochs >= 0"), ({"dropout": 1.0}, "0 <= dropout < 1"),
     ({"lr": 0}, "lr > 0"), ({"dim": 10, "heads": 3}, "dim 10 must be a multiple of heads 3"),
+    ({"patience": 0}, "patience, validate_every >= 1"), ({"time_budget": 0}, "positive time_budget"),
+    ({"weight_decay": -1}, "weight_decay >= 0"),
 ])
 def test_sasrec_refuses_impossible_settings(params: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_baseline("sasrec", **params)
+
+
+def test_sasrec_stops_early_on_the_callers_validation_metric_and_keeps_its_best_epoch() -> None:
+    """The metric peaks at the 2nd validation (epoch 4 with validate_every=2) and only falls after: with
+    patience 4 the run stops at epoch 8, and the model scores as it did at epoch 4."""
+    data = make_data(60, 20)
+    readings = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1])
+    scores_at: dict[int, np.ndarray] = {}
+
+    def validate(model) -> float:
+        scores_at[model.epochs_run] = model.score_users(np.arange(5))
+        return next(readings)
+
+    model = make_baseline("sasrec", epochs=50, dim=8, max_length=5, patience=4, validate_every=2)
+    model.fit(data, validate=validate)
+    assert model.epochs_run == 8 and model.best_epoch == 4
+    assert model.curve == [(2, 0.1), (4, 0.5), (6, 0.4), (8, 0.3)]
+    np.testing.assert_allclose(model.score_users(np.arange(5)), scores_at[4], rtol=1e-5)
+    # Without a validation callback it trains every epoch.
+    plain = make_baseline("sasrec", epochs=3, dim=8, max_length=5)
+    plain.fit(data)
+    assert plain.epochs_run == 3 and plain.curve == []

@@ -69,8 +69,9 @@ def _histories(data, spec):
     return history_matrix(data.train, data.n_users, spec.data.history_length)
 
 
-def test_training_is_deterministic_and_resumes_where_it_stopped(data, tmp_path):
-    spec = _spec()
+@pytest.mark.parametrize("tower", ["sequence", "pooled"])
+def test_training_is_deterministic_and_resumes_where_it_stopped(data, tmp_path, tower):
+    spec = _spec(userTower=tower, batchSize=48)
     users = np.arange(data.n_users)
     straight = train(spec, data, tmp_path / "straight")
 
@@ -78,7 +79,7 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(data, tmp_path):
         pass
 
     def kill_after_five(done, total, losses):
-        if done == 5:
+        if done == 5:  # in the middle of the second epoch
             raise Killed
 
     with pytest.raises(Killed):
@@ -102,7 +103,7 @@ def test_minilm_backbone_learns_the_hidden_synthetic_preferences(tmp_path):
 
     from recops.data.synthetic import SyntheticConfig, generate
 
-    spec = _spec("builtin:minilm", epochs=3, embeddingDim=64)
+    spec = _spec("builtin:minilm", epochs=8, embeddingDim=64)
     spec = spec.model_copy(update={"data": spec.data.model_copy(
         update={"synthetic": spec.data.synthetic.model_copy(update={"users": 600, "items": 200, "days": 20})})})
     data = prepare(spec.data)

@@ -111,16 +111,70 @@ def _chain_spec(folder, **training) -> RecModelSpec:
 
 @pytest.mark.slow
 def test_next_item_samples_teach_the_tower_what_comes_next(chains, tmp_path):
-    bag = _chain_spec(chains, nextItemFraction=0.0, recencyPositions=0)
+    bag = _chain_spec(chains, userTower="pooled", nextItemFraction=0.0, recencyPositions=0)
     data = prepare(bag.data)
     recall = {}
-    for name, spec in (("bag", bag), ("next", _chain_spec(chains, nextItemFraction=1.0))):
+    for name, spec in (("bag", bag), ("next", _chain_spec(chains, userTower="pooled", nextItemFraction=1.0)),
+                       ("sequence", _chain_spec(chains, sequenceDropout=0.1))):
         result = train(spec, data, tmp_path / name)
         scorer = ModelScorer(result.model, result.histories)
         recall[name] = evaluate(scorer, data, ks=(5,), with_auc=False)["recall@5"]
     # The chain makes the next item certain; the mean of the walk only says "somewhere near".
-    assert recall["next"] > 0.8, recall
-    assert recall["next"] > recall["bag"] + 0.2, recall
+    assert recall["next"] > 0.8 and recall["sequence"] > 0.8, recall
+    assert min(recall["next"], recall["sequence"]) > recall["bag"] + 0.2, recall
+
+
+def _sequence_model(causal: bool, length: int = 6) -> TwoTowerModel:
+    torch.manual_seed(0)
+    config = TwoTowerConfig(n_items=30, embedding_dim=8, recency_positions=0, sequence_blocks=2,
+                            sequence_length=length, sequence_dropout=0.0, causal=causal)
+    return TwoTowerModel(None, 16, config).eval()
+
+
+def test_the_causal_sequence_tower_reads_only_what_came_before_each_position():
+    model = _sequence_model(causal=True)
+    items = torch.tensor([[0, 0, 4, 9, 2, 7], [0, 5, 4, 9, 2, 3]])
+    mask = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    with torch.no_grad():
+        vectors = model.item_vectors()
+        states = model.sequence_states(vectors, items, mask)
+        changed = model.sequence_states(vectors, torch.tensor([[0, 0, 4, 9, 2, 8], [0, 5, 4, 9, 2, 3]]), mask)
+        # A user's vector is the state at their newest entry, however the history is padded (serving pads to
+        # the feature schema's length, longer than the tower reads).
+        wide = torch.cat([torch.zeros(2, 10, dtype=torch.long), items], dim=1)
+        wide_mask = torch.cat([torch.zeros(2, 10, dtype=torch.bool), mask], dim=1)
+        users = model.user_vectors(vectors, wide, wide_mask)
+    assert torch.allclose(states[:, :-1], changed[:, :-1], atol=1e-6)  # the newest item changes no earlier state
+    assert not torch.allclose(states[0, -1], changed[0, -1], atol=1e-3)
+    assert torch.allclose(users, states[:, -1], atol=1e-5)
+    assert not states[0, 0].any()  # padding has no state
+    # Only the newest sequence_length entries are read: older ones change nothing.
+    longer = torch.tensor([[11, 0, 5, 4, 9, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(model.user_vectors(vectors, longer, torch.ones_like(longer, dtype=torch.bool)),
+                              users[1:], atol=1e-5)
+
+
+def test_the_set_sequence_tower_ignores_the_order_of_the_history():
+    model = _sequence_model(causal=False)
+    items = torch.tensor([[3, 8, 1, 6], [6, 1, 8, 3]])
+    mask = torch.ones_like(items, dtype=torch.bool)
+    with torch.no_grad():
+        users = model.user_vectors(model.item_vectors(), items, mask)
+        empty = model.user_vectors(model.item_vectors(), items, torch.zeros_like(mask))
+    assert torch.allclose(users[0], users[1], atol=1e-5)
+    assert torch.isfinite(empty).all()  # no history: the learned empty-history vector
+
+
+def test_sequences_list_each_entrys_row_where_history_matrix_puts_it():
+    from recops.data.features import sequence_matrix
+
+    frame = pl.DataFrame({USER_IDX: [0, 1, 0, 0, 1, 2], ITEM_IDX: [5, 6, 7, 8, 9, 4],
+                          TIMESTAMP: [30, 10, 10, 20, 20, 5]})
+    sequences = sequence_matrix(frame, 3, 3)
+    assert sequences.items.tolist() == [[7, 8, 5], [0, 6, 9], [0, 0, 4]]
+    assert sequences.rows.tolist() == [[2, 3, 0], [-1, 1, 4], [-1, -1, 5]]
+    assert sequences.lengths.tolist() == [3, 2, 1] and sequences.trainable().tolist() == [0, 1]
 
 
 def test_the_item_to_item_residual_adds_each_history_items_neighbour_weights_over_root_length():

@@ -170,6 +170,14 @@ class ResourcesSpec(SpecModel):
 DEFAULT_RECENCY_POSITIONS = 50
 DEFAULT_NEXT_ITEM_FRACTION = 0.5
 DEFAULT_NEIGHBOURS = 100
+SEQUENCE, POOLED = "sequence", "pooled"
+DEFAULT_SEQUENCE_BLOCKS = 2
+DEFAULT_SEQUENCE_LENGTH = 50
+DEFAULT_SEQUENCE_DROPOUT = 0.5
+# Epochs when the spec names none: the pooled tower's best validation epoch was 2-3 on both datasets; the
+# sequence tower is trained at every position until validation stops improving (patience), at most this.
+DEFAULT_EPOCHS = {POOLED: 4, SEQUENCE: 200}
+DEFAULT_PATIENCE = 10
 
 
 class TrainingSpec(SpecModel):
@@ -179,9 +187,40 @@ class TrainingSpec(SpecModel):
         ("!has(self.gpusPerNode) || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu == 0"
          " || self.resources.gpu == self.gpusPerNode",
          "gpusPerNode and resources.gpu disagree: set one of them", ".gpusPerNode"),
+        ("!has(self.sequenceHeads) || (has(self.embeddingDim) ? self.embeddingDim : 256) % self.sequenceHeads == 0",
+         "sequenceHeads must divide embeddingDim", ".sequenceHeads"),
     ))
 
-    epochs: int = Field(4, ge=1, le=1000)
+    epochs: int | None = Field(
+        None, ge=1, le=1000,
+        description=f"Epochs at most (training stops earlier once validation stops improving, see patience). "
+        f"Default {DEFAULT_EPOCHS[POOLED]} for the pooled user tower, {DEFAULT_EPOCHS[SEQUENCE]} for the sequence one.",
+    )
+    patience: int | None = Field(
+        None, ge=1, le=1000,
+        description="Epochs without a better validation NDCG@10 after which training stops (the best epoch's "
+        f"weights are kept). Default {DEFAULT_PATIENCE}.",
+    )
+    user_tower: Literal["sequence", "pooled"] | None = Field(
+        None,
+        description="'sequence': a small transformer over the history's item vectors, trained at every position "
+        "of each sequence with the full softmax; it reads order (causal, with positions) when the split holds out "
+        "what comes next (loo, time) and the history as a set under a random hold-out (recbole). 'pooled': the "
+        "history's mean plus a gated attention read, trained on one target per sample. Default 'sequence'.",
+    )
+    sequence_blocks: int | None = Field(
+        None, ge=1, le=16, description=f"Transformer blocks of the sequence tower. Default {DEFAULT_SEQUENCE_BLOCKS}."
+    )
+    sequence_heads: int | None = Field(
+        None, ge=1, le=64, description="Attention heads of the sequence tower (a divisor of embeddingDim). Default 1."
+    )
+    sequence_length: int | None = Field(
+        None, ge=1, le=4096,
+        description=f"Newest history items the sequence tower reads. Default {DEFAULT_SEQUENCE_LENGTH}.",
+    )
+    sequence_dropout: float | None = Field(
+        None, ge=0, lt=1, description=f"Dropout of the sequence tower. Default {DEFAULT_SEQUENCE_DROPOUT}.",
+    )
     batch_size: int = Field(512, ge=2, le=65536)
     learning_rate: float = Field(2e-3, gt=0, le=1)
     backbone_learning_rate: float = Field(2e-4, gt=0, le=1)
@@ -226,11 +265,30 @@ class TrainingSpec(SpecModel):
     )
 
     @model_validator(mode="after")
+    def _heads_divide_width(self) -> TrainingSpec:
+        if self.sequence_heads is not None and self.embedding_dim % self.sequence_heads:
+            raise ValueError(f"sequenceHeads must divide embeddingDim: {self.sequence_heads} heads, width "
+                             f"{self.embedding_dim}")
+        return self
+
+    @model_validator(mode="after")
     def _gpus_agree(self) -> TrainingSpec:
         gpus = self.gpus_per_node
         if gpus is not None and self.resources.gpu not in (0, gpus):
             raise ValueError(f"gpusPerNode is {gpus} but resources.gpu is {self.resources.gpu}: set one of them")
         return self
+
+    def tower(self) -> str:
+        """``userTower`` or its default."""
+        return self.user_tower or SEQUENCE
+
+    def max_epochs(self) -> int:
+        """``epochs`` or the default of the user tower."""
+        return self.epochs or DEFAULT_EPOCHS[self.tower()]
+
+    def stopping_patience(self) -> int:
+        """``patience`` or its default."""
+        return self.patience or DEFAULT_PATIENCE
 
     def recency(self) -> int:
         """History positions the user tower tells apart (``recencyPositions`` or its default)."""

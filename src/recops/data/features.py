@@ -80,6 +80,32 @@ def history_matrix(frame: pl.DataFrame, n_users: int, length: int) -> Histories:
     return Histories(items, mask)
 
 
+@dataclass(frozen=True)
+class Sequences:
+    """Each user's newest training items, laid out as :func:`history_matrix` lays them out (left-padded,
+    newest last), with each entry's row in the frame: what the sequence objective trains on (the entry at
+    column t + 1 is the target of the history up to column t)."""
+
+    items: np.ndarray  # int64 [users, length]
+    mask: np.ndarray  # bool [users, length]
+    rows: np.ndarray  # int64 [users, length]: the entry's row in the frame, -1 for padding
+    lengths: np.ndarray  # int64 [users]: entries per user
+
+    def trainable(self) -> np.ndarray:
+        """Users with a target: two entries or more."""
+        return np.flatnonzero(self.lengths >= 2)
+
+
+def sequence_matrix(frame: pl.DataFrame, n_users: int, length: int) -> Sequences:
+    """:class:`Sequences` of each user's ``length`` newest rows of ``frame``."""
+    histories = history_matrix(frame, n_users, length)
+    columns = history_columns(frame, length)
+    rows = np.full((n_users, length), -1, dtype=np.int64)
+    kept = np.flatnonzero(columns >= 0)
+    rows[frame[USER_IDX].to_numpy()[kept], columns[kept]] = kept
+    return Sequences(histories.items, histories.mask, rows, histories.mask.sum(axis=1))
+
+
 def history_columns(frame: pl.DataFrame, length: int) -> np.ndarray:
     """Each row's column in :func:`history_matrix` of the same frame (-1: older than its ``length`` items).
 

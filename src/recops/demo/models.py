@@ -23,8 +23,8 @@ SHOP = {"full": {"users": 500, "items": 300, "days": 20}, "quick": {"users": 500
 # The demo's towers keep the settings its A/B figures were measured with (mean-pooled user tower, no
 # item-to-item residual): a control that learns co-occurrence from a residual is no longer the weak
 # collaborative arm the demo contrasts with text.
-DEMO_TOWER = {"temperature": 0.07, "historyDropout": 0.3, "recencyPositions": 0, "nextItemFraction": 0.0,
-              "neighbours": 0}
+DEMO_TOWER = {"userTower": "pooled", "temperature": 0.07, "historyDropout": 0.3, "recencyPositions": 0,
+              "nextItemFraction": 0.0, "neighbours": 0}
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ interactions in training) have text only, so they are recommendable the moment
 they are in the catalog.
 
 User tower: the user's recent history read as item-tower vectors (as HLLM
-does), so each distinct item is encoded once per step rather than once per user,
-pooled and passed through a residual MLP. The pooling is the mean plus a gated
+does), so each distinct item is encoded once per step rather than once per user.
+Two shapes: the sequence tower (``sequence_blocks`` > 0), a small transformer over
+the history (:mod:`recops.models.sequence_encoder`) whose state at the newest entry
+is the user's vector; or the pooled tower, the history pooled and passed through a
+residual MLP. The pooled tower's pooling is the mean plus a gated
 attention read that is aware of order: each entry carries an embedding of its
 position from the end (the newest is 0) and a learned recency logit, so the tower
 can weigh the last items most where order matters (next-item data) and leave the
@@ -31,8 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recops.api.recmodel import (
+    DEFAULT_SEQUENCE_BLOCKS,
+    DEFAULT_SEQUENCE_DROPOUT,
+    DEFAULT_SEQUENCE_LENGTH,
+    SEQUENCE,
+    RecModelSpec,
+)
 from recops.kernels import head_features
 from recops.models.backbone import TextEncoder
+from recops.models.sequence_encoder import SequenceEncoder
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,42 @@ class TwoTowerConfig:
     recency_positions: int = 50
     # Neighbours per item in the item-to-item residual; 0: none.
     neighbours: int = 0
+    # The sequence tower's transformer blocks; 0: the pooled tower. Its heads, the newest entries it reads,
+    # its dropout, and whether it reads order (causal, with positions) or the history as a set.
+    sequence_blocks: int = 0
+    sequence_heads: int = 1
+    sequence_length: int = 50
+    sequence_dropout: float = 0.5
+    causal: bool = True
+
+
+# History entries (users × positions) the sequence tower reads in one go when scoring.
+_SEQUENCE_CELLS = 16384
+
+
+def tower_config(spec: RecModelSpec, n_items: int) -> TwoTowerConfig:
+    """The towers' shape for a spec (training and loading an export build it alike).
+
+    The sequence tower reads order when the split holds out what comes next (``loo``, ``time``) and the
+    history as a set under a random hold-out (``recbole``); it has no recency read or co-occurrence residual
+    (the transformer reads order itself; the residual did not pay on Beauty, docs/architecture.md), unless
+    the spec names them.
+    """
+    t = spec.training
+    sequence = t.tower() == SEQUENCE
+    return TwoTowerConfig(
+        n_items=n_items,
+        embedding_dim=t.embedding_dim,
+        temperature=t.temperature,
+        use_id_embeddings=t.use_id_embeddings,
+        recency_positions=0 if sequence else t.recency(),
+        neighbours=(t.neighbours or 0) if sequence else t.residual_neighbours(),
+        sequence_blocks=(t.sequence_blocks or DEFAULT_SEQUENCE_BLOCKS) if sequence else 0,
+        sequence_heads=t.sequence_heads or 1,
+        sequence_length=t.sequence_length or DEFAULT_SEQUENCE_LENGTH,
+        sequence_dropout=DEFAULT_SEQUENCE_DROPOUT if t.sequence_dropout is None else t.sequence_dropout,
+        causal=spec.data.split != "recbole",
+    )
 
 
 def _positions_from_end(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -95,8 +142,12 @@ class TwoTowerModel(nn.Module):
         # Zero at the start (and for items never trained on): history reads the item vector alone.
         self.history_embedding = nn.Embedding(config.n_items, dim)
         nn.init.zeros_(self.history_embedding.weight)
-        self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        if config.recency_positions:
+        if config.sequence_blocks:
+            self.sequence = SequenceEncoder(dim, config.sequence_blocks, config.sequence_heads,
+                                            config.sequence_length, config.sequence_dropout, config.causal)
+        else:
+            self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        if config.recency_positions and not config.sequence_blocks:
             # Zero at the start: equal weights and no position signal, the plain mean.
             self.position_embedding = nn.Embedding(config.recency_positions, dim)
             nn.init.zeros_(self.position_embedding.weight)
@@ -156,14 +207,14 @@ class TwoTowerModel(nn.Module):
         """:meth:`user_vectors` from the valid history entries, already listed: their item indices and users'
         rows (``entries``, ``rows``: M, users in order, each user's entries oldest first) and each user's number
         of entries (``counts``: B). Serving lists them on the host, where that costs less than torch ops."""
-        read = item_vectors[entries]
-        if self.config.use_id_embeddings:
-            read = read + self.history_embedding(entries)
+        read = self._history_read(item_vectors, entries)
+        if self.config.sequence_blocks:
+            return self._sequence_user_vectors(read, rows, counts)
         n_users, lengths = counts.shape[0], counts
         counts = counts.to(item_vectors.dtype).unsqueeze(1)
         summed = item_vectors.new_zeros(n_users, item_vectors.shape[1]).index_add_(0, rows, read)
         pooled = summed / counts.clamp(min=1.0)
-        if self.config.recency_positions:
+        if self.config.recency_positions and not self.config.sequence_blocks:
             # The attention read is added to the mean through a gate that starts at 0: the tower
             # starts as (and, where order says nothing, can stay) the plain mean.
             from_end = _positions_from_end(rows, lengths).clamp(max=self.config.recency_positions - 1)
@@ -173,6 +224,55 @@ class TwoTowerModel(nn.Module):
             pooled = pooled + self.recency_gate * attended
         pooled = torch.where(counts > 0, pooled, self.empty_history.expand_as(pooled))
         return F.normalize(pooled + self.user_mlp(pooled), dim=-1)
+
+    def _history_read(self, item_vectors: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """What the user tower reads of history items (any shape of indices): the item vector plus what the
+        item says of a user who has it (the history embedding)."""
+        read = item_vectors[items]
+        if self.config.use_id_embeddings:
+            read = read + self.history_embedding(items)
+        return read
+
+    def _sequence_user_vectors(self, read: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The sequence tower's state at each user's newest entry (causal) or the mean of its states (set), from
+        the listed entries (as :meth:`user_vectors_of_entries`), over the newest ``sequence_length``.
+
+        Users go through the transformer in groups of similar length, each group left-padded to its longest:
+        most histories are short, and padding all to the longest in a batch cost several times the work."""
+        n_users = counts.shape[0]
+        from_end = _positions_from_end(rows, counts)
+        keep = from_end < self.config.sequence_length
+        rows, from_end, read = rows[keep], from_end[keep], read[keep]
+        lengths = counts.clamp(max=self.config.sequence_length)
+        users = read.new_zeros(n_users, read.shape[1])
+        order = torch.argsort(lengths, stable=True)
+        group = max(1, _SEQUENCE_CELLS // self.config.sequence_length)
+        slot = torch.empty_like(order)
+        for start in range(0, n_users, group):
+            members = order[start : start + group]
+            width = max(1, int(lengths[members].max()))
+            slot[members] = torch.arange(len(members), device=order.device)
+            mine = (torch.zeros(n_users, dtype=torch.bool, device=rows.device)
+                    .index_fill_(0, members, True))[rows]
+            padded = read.new_zeros(len(members), width, read.shape[1])
+            mask = torch.zeros(len(members), width, dtype=torch.bool, device=read.device)
+            cells = (slot[rows[mine]], width - 1 - from_end[mine])
+            padded[cells] = read[mine]
+            mask[cells] = True
+            states = self.sequence(padded, mask)
+            if self.config.causal:
+                user = states[:, -1]  # the newest entry's state has read the whole history
+            else:  # a set has no newest entry: the mean of the states, the same in any order
+                user = states.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)
+            users[members] = user.to(users.dtype)
+        users = torch.where((counts > 0).unsqueeze(1), users, self.empty_history.expand_as(users))
+        return F.normalize(users, dim=-1)
+
+    def sequence_states(self, item_vectors: torch.Tensor, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised user vectors after every position of left-padded sequences (``sequences``, ``mask``:
+        B × L, L at most ``sequence_length``): B × L × dim, what the sequence objective trains on."""
+        states = self.sequence(self._history_read(item_vectors, sequences), mask)
+        return F.normalize(states, dim=-1)
 
     def set_neighbours(self, index: torch.Tensor, real: torch.Tensor, prior: torch.Tensor) -> None:
         """Each item's residual neighbours (N × k indices), which of them are real (N × k, padding False)

@@ -34,7 +34,7 @@ from recops.api.recmodel import RecModelSpec
 from recops.data.features import ITEM_TEXT_RECIPE, FeatureSchema
 from recops.data.interactions import InteractionData
 from recops.models.backbone import TINY_QWEN2, TextEncoder, apply_lora, load_base_model
-from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
+from recops.models.two_tower import TwoTowerModel, tower_config
 
 FEATURE_SCHEMA = "feature_schema.json"
 
@@ -139,14 +139,7 @@ def load_model(directory: Path, with_backbone: bool = True) -> LoadedModel:
     items, schema = load_serving_metadata(directory)
     spec = parse_recmodel_spec(yaml.safe_load((directory / "spec.yaml").read_text()), str(directory / "spec.yaml"))
     towers = load_file(directory / "towers.safetensors")
-    config = TwoTowerConfig(
-        n_items=items.height,
-        embedding_dim=spec.training.embedding_dim,
-        temperature=spec.training.temperature,
-        use_id_embeddings=spec.training.use_id_embeddings,
-        recency_positions=spec.training.recency(),
-        neighbours=spec.training.residual_neighbours(),
-    )
+    config = tower_config(spec, items.height)
     if with_backbone:
         encoder = load_encoder(directory, spec)
         model = TwoTowerModel(encoder, encoder.hidden_size, config)

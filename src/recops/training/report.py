@@ -95,16 +95,41 @@ def loss_figure(losses: Sequence[Mapping[str, float]]):
     return figure
 
 
-def validation_figure(valid: Sequence[Mapping[str, float]]):
-    """Validation Recall@20 after each epoch."""
+def validation_figure(valid: Sequence[Mapping[str, float]], metric: str = "ndcg@10"):
+    """Validation ``metric`` after each epoch (what training keeps its best epoch by)."""
     figure, axis = plt.subplots(figsize=(7, 3))
-    epochs = [row["epoch"] for row in valid if "recall@20" in row]
-    axis.plot(epochs, [row["recall@20"] for row in valid if "recall@20" in row], marker="o")
+    rows = [row for row in valid if metric in row]
+    axis.plot([row["epoch"] + 1 for row in rows], [row[metric] for row in rows], marker="o")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
-    axis.set_ylabel("valid Recall@20")
+    axis.set_ylabel(f"valid {metric}")
     axis.set_title("Validation")
     return figure
+
+
+def learning_curves_figure(curves: Mapping[str, Sequence[Sequence[Sequence[float]]]], metric: str = "ndcg@10"):
+    """Validation ``metric`` by epoch per model: ``curves[model]`` holds one ``[[epoch, value], ...]`` per seed."""
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    for index, (name, runs) in enumerate(curves.items()):
+        for run_index, run in enumerate(runs):
+            if run:
+                epochs, values = zip(*run, strict=True)
+                axis.plot(epochs, values, color=f"C{index}", alpha=0.9 if run_index == 0 else 0.45,
+                          label=name if run_index == 0 else None)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(f"valid {metric}")
+    axis.set_title(f"Learning curves (validation {metric}; one line per seed)")
+    axis.legend(loc="lower right")
+    return figure
+
+
+def save_learning_curves(curves: Mapping[str, Sequence[Sequence[Sequence[float]]]], path: Path) -> Path:
+    """:func:`learning_curves_figure` as a PNG file."""
+    figure = learning_curves_figure(curves)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def recall_figure(models: Mapping[str, Mapping[str, object]], wanted: Sequence[str] | None = None):

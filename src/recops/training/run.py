@@ -43,20 +43,35 @@ class TrainingFailed(RuntimeError):
     """A run that cannot go on; the message says why (bad data, backbone, checkpoint)."""
 
 
+def validation_metric(data: InteractionData, metric: str = "ndcg@10"):
+    """A scorer's ``metric`` on ``data.valid`` (what models trained by epochs stop early on); None when there
+    is no validation split."""
+    if data.valid.height == 0:
+        return None
+    k = int(metric.split("@")[1])
+    return lambda scorer: evaluate(scorer, data, ks=(k,), split="valid", with_auc=False)[metric]
+
+
 def evaluate_baselines(data: InteractionData, names: Sequence[str], seed: int = 0,
-                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, object]]:
     """Fit and evaluate each named baseline on ``data`` at the cut-offs ``ks``; adds ``train_seconds``.
 
     ``seed`` also seeds the baselines that draw (BPR, SASRec), so a spread over seeds includes theirs.
+    Baselines trained by epochs stop early on validation NDCG@10 and add ``epochs`` (run), ``best_epoch``
+    (kept) and ``curve`` (``[epoch, validation NDCG@10]`` pairs).
     """
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, object]] = {}
+    validate = validation_metric(data)
     for name in names:
         started = time.perf_counter()
         seeded = "seed" in inspect.signature(BASELINES[name]).parameters
         model = make_baseline(name, **({"seed": seed} if seeded else {}))
-        model.fit(data)
+        model.fit(data, validate=validate)
         seconds = time.perf_counter() - started
         results[name] = {**evaluate(model, data, ks=ks, seed=seed), "train_seconds": seconds}
+        if hasattr(model, "curve"):
+            results[name].update(epochs=model.epochs_run, best_epoch=model.best_epoch,
+                                 curve=[list(point) for point in model.curve])
     return results
 
 

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from recops.api.recmodel import LossWeights, RecModelSpec
-from recops.data.features import Histories, history_columns, history_matrix
+from recops.data.features import Histories, Sequences, history_columns, history_matrix, sequence_matrix
 from recops.data.interactions import ITEM_IDX, LIKE, USER_IDX, InteractionData
 from recops.data.samples import click_samples, negatives_by_positive
 from recops.models.backbone import TextEncoder, TokenizedTexts, build_text_encoder
+from recops.models.epochs import length_batches
 from recops.models.neighbours import cosine_neighbours, neighbour_table
-from recops.models.two_tower import TwoTowerConfig, TwoTowerModel
+from recops.models.two_tower import TwoTowerModel, tower_config
 from recops.training.distillation import Teacher, distilled_bce, distilled_softmax, load_teacher
 from recops.training.distributed import World, barrier, stepper, world_from_env
 from recops.training.evaluation import evaluate
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Above this many items the retrieval softmax uses in-batch negatives instead of the whole catalog.
 FULL_SOFTMAX_MAX_ITEMS = 50_000
+# What each epoch's validation reads, what the best epoch is chosen by and what early stopping watches.
+VALIDATION_METRIC = "ndcg@10"
 
 
 @dataclass
@@ -121,14 +124,7 @@ def build_model(spec: RecModelSpec, data: InteractionData) -> tuple[TwoTowerMode
     """A fresh model for a spec and dataset (backbone + LoRA + towers), text cache filled."""
     encoder: TextEncoder = build_text_encoder(spec.backbone, spec.lora, seed=spec.training.seed)
     tokens = encoder.tokenize(data.item_texts)
-    config = TwoTowerConfig(
-        n_items=data.n_items,
-        embedding_dim=spec.training.embedding_dim,
-        temperature=spec.training.temperature,
-        use_id_embeddings=spec.training.use_id_embeddings,
-        recency_positions=spec.training.recency(),
-        neighbours=spec.training.residual_neighbours(),
-    )
+    config = tower_config(spec, data.n_items)
     torch.manual_seed(spec.training.seed)
     model = TwoTowerModel(encoder, encoder.hidden_size, config)
     model.warm.copy_(torch.as_tensor(data.warm_mask))
@@ -241,56 +237,81 @@ def train(
     full_softmax = data.n_items <= FULL_SOFTMAX_MAX_ITEMS
     # The user's other training positives are not negatives of this target: they leave the softmax.
     known = data.train_matrix().tocsr() if full_softmax else None
-    steps_per_epoch = max(1, math.ceil(len(pos_users) / cfg.batch_size))
-    if world.size > 1 and len(pos_users) % cfg.batch_size and len(pos_users) % cfg.batch_size < world.size:
+    # A causal sequence tower learns from every position of every sequence in one pass (as SASRec), unless
+    # a teacher's per-sample scores are distilled: then, and for the other towers, one target per sample.
+    sequences = None
+    if model.config.sequence_blocks and model.config.causal and teacher is None:
+        sequences = sequence_matrix(data.train, data.n_users, model.config.sequence_length + 1)
+        trainable_users = sequences.trainable()
+    n_units = len(trainable_users) if sequences is not None else len(pos_users)
+    steps_per_epoch = max(1, math.ceil(n_units / cfg.batch_size))
+    if world.size > 1 and n_units % cfg.batch_size and n_units % cfg.batch_size < world.size:
         steps_per_epoch -= 1  # a last batch too small to give every process a sample is left out
-    total_steps = steps_per_epoch * cfg.epochs
+    max_epochs, patience = cfg.max_epochs(), cfg.stopping_patience()
+    total_steps = steps_per_epoch * max_epochs
     train_backbone = any(p.requires_grad for p in model.encoder.parameters()) and cfg.text_items_per_step > 0
     use_amp = device.type == "cuda"
     run_step = stepper(model, world, device)
-    context = StepContext(hist_items, hist_mask, tokens, teacher, cfg.loss_weights, device, use_amp)
+    context = StepContext(hist_items, hist_mask, tokens, teacher, cfg.loss_weights, device, use_amp, cold)
 
-    for epoch in range(state.epoch, cfg.epochs):
+    stopped = state.epoch > 0 and state.epoch - 1 - state.best_epoch >= patience  # a resumed, finished run
+    for epoch in range(state.epoch, max_epochs if not stopped else state.epoch):
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(len(pos_users))
         samples = click_samples(
             pos_users, pos_items, pos_likes, exp_users, exp_items, warm_items, data.n_items, cfg.negatives, rng
         )
         paired_negatives = negatives_by_positive(samples, pos_users, cfg.negatives)
+        if sequences is not None:
+            # Under DDP a batch too small to give every process a sequence is left out (as above).
+            user_batches = [b for b in length_batches(sequences.lengths, trainable_users, cfg.batch_size, rng)
+                            if len(b) >= world.size]
         model.train()
         for step in range(state.step, steps_per_epoch):
             generator = _seed_step(cfg.seed, epoch, step)
-            # The step's random draws are made for the whole global batch, on every process, then sharded.
-            full = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            rows = slice(world.rank, None, world.size)
-            batch = full[rows]
-            users = torch.as_tensor(pos_users[batch], device=device)
-            items = torch.as_tensor(pos_items[batch], device=device)
-            likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
-            neg_items = torch.as_tensor(paired_negatives[batch], device=device)  # B × negatives
             fresh_items = None
-            if train_backbone:
-                distinct = torch.unique(torch.as_tensor(pos_items[full], device=device))
-                pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
-                fresh_items = distinct[pick.to(device)]
-            id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
-            hidden = torch.rand((len(full), hist_items.shape[1]), generator=generator)[rows].to(device)
-            hidden = hidden < cfg.history_dropout
-            # Next-item samples read only what came before their target; the others every other item.
-            next_item = (torch.rand(len(full), generator=generator)[rows] < next_item_fraction).to(device)
-            readable = None
-            if next_item_fraction > 0:
-                target_columns = torch.as_tensor(pos_columns[batch], device=device).unsqueeze(1)
-                columns = torch.arange(hist_items.shape[1], device=device)
-                readable = ~next_item.unsqueeze(1) | (columns < target_columns)
+            if sequences is not None:
+                id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
+                step_users = user_batches[step]
+                if train_backbone:
+                    distinct = torch.unique(torch.as_tensor(sequences.items[step_users][sequences.mask[step_users]]))
+                    fresh_items = distinct[torch.randperm(len(distinct), generator=generator)[
+                        : cfg.text_items_per_step]].to(device)
+                seq_batch = _sequence_batch(sequences, step_users[world.rank :: world.size], paired_negatives,
+                                            pos_likes, id_keep, fresh_items, device)
+                loss, retrieval, click_loss, like_loss, fresh_text = run_step(
+                    partial(_sequence_step_loss, batch=seq_batch, context=context))
+            else:
+                # The step's random draws are made for the whole global batch, on every process, then sharded.
+                full = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                rows = slice(world.rank, None, world.size)
+                batch = full[rows]
+                users = torch.as_tensor(pos_users[batch], device=device)
+                items = torch.as_tensor(pos_items[batch], device=device)
+                likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
+                neg_items = torch.as_tensor(paired_negatives[batch], device=device)  # B × negatives
+                if train_backbone:
+                    distinct = torch.unique(torch.as_tensor(pos_items[full], device=device))
+                    pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
+                    fresh_items = distinct[pick.to(device)]
+                id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
+                hidden = torch.rand((len(full), hist_items.shape[1]), generator=generator)[rows].to(device)
+                hidden = hidden < cfg.history_dropout
+                # Next-item samples read only what came before their target; the others every other item.
+                next_item = (torch.rand(len(full), generator=generator)[rows] < next_item_fraction).to(device)
+                readable = None
+                if next_item_fraction > 0:
+                    target_columns = torch.as_tensor(pos_columns[batch], device=device).unsqueeze(1)
+                    columns = torch.arange(hist_items.shape[1], device=device)
+                    readable = ~next_item.unsqueeze(1) | (columns < target_columns)
 
-            excluded = None
-            if full_softmax:
-                excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
-            step_batch = StepBatch(users, items, likes, neg_items, fresh_items, id_keep, hidden, excluded,
-                                   readable)
-            loss, retrieval, click_loss, like_loss, fresh_text = run_step(partial(_step_loss, batch=step_batch,
-                                                                                   context=context))
+                excluded = None
+                if full_softmax:
+                    excluded = torch.as_tensor(known[pos_users[batch]].toarray() > 0, device=device) | cold
+                step_batch = StepBatch(users, items, likes, neg_items, fresh_items, id_keep, hidden, excluded,
+                                       readable)
+                loss, retrieval, click_loss, like_loss, fresh_text = run_step(partial(_step_loss, batch=step_batch,
+                                                                                       context=context))
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -298,32 +319,30 @@ def train(
             if fresh_items is not None:
                 model.text_cache[fresh_items] = fresh_text.detach()
 
-            losses = {
-                "epoch": epoch, "step": epoch * steps_per_epoch + step, "loss": float(loss.detach()),
-                "retrieval": float(retrieval.detach()), "click": float(click_loss.detach()),
-                "like": float(like_loss.detach()),
-            }
-            state.losses.append(losses)
-            state.step = step + 1
-            if on_step:
-                on_step(epoch * steps_per_epoch + step + 1, total_steps, losses)
+            _record_step(state, epoch, step, steps_per_epoch, total_steps, loss, retrieval, click_loss, like_loss,
+                         on_step)
             if state.step % cfg.checkpoint_every_steps == 0 and world.is_main:
                 _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
 
         if train_backbone:  # rows not re-encoded this epoch are stale: refresh them all
             model.text_cache.copy_(model.encoder.encode_all(tokens))
         model.eval()
-        scores = _validation(model, histories, data, epoch)
+        scores = {**_validation(model, histories, data, epoch), "seconds": time.perf_counter() - started}
         state.valid.append(scores)
         log.info("epoch %d: %s", epoch, scores)
-        if scores.get("recall@20", 0.0) >= state.best_score or data.valid.height == 0:
-            state.best_score = scores.get("recall@20", 0.0)
+        # The best epoch's weights are kept; a tie is no better (a plateau counts towards patience).
+        if scores.get(VALIDATION_METRIC, 0.0) > state.best_score or data.valid.height == 0:
+            state.best_score = scores.get(VALIDATION_METRIC, 0.0)
             state.best_epoch = epoch
             best = copy.deepcopy(model.trainable_state())
         state.epoch, state.step = epoch + 1, 0
         if world.is_main:
             _save_checkpoint(checkpoint, model, optimizer, state, digest, best)
         barrier(world)  # a resumed run reads this checkpoint on every process
+        if epoch - state.best_epoch >= patience:
+            log.info("validation %s has not improved for %d epochs: stopping at epoch %d (best %d: %.4f)",
+                     VALIDATION_METRIC, patience, epoch, state.best_epoch, state.best_score)
+            break
 
     if best is not None:
         model.load_state_dict(best, strict=False)
@@ -357,18 +376,14 @@ class StepContext:
     weights: LossWeights
     device: torch.device
     use_amp: bool
+    cold: torch.Tensor  # N: items without training interactions
 
 
 def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> tuple[torch.Tensor | None, ...]:
     """A step's loss (and its parts) on ``m``: the function DDP runs as ``forward``."""
     device = context.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=context.use_amp):
-        fresh_text = None
-        if batch.fresh_items is not None:
-            rows = batch.fresh_items.cpu()
-            fresh_text = m.encoder(
-                context.tokens.input_ids[rows].to(device), context.tokens.attention_mask[rows].to(device)
-            ).float()
+        fresh_text = _fresh_text(m, batch.fresh_items, context)
         vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
         history, seen = context.hist_items[batch.users], context.hist_mask[batch.users]
         seen = seen & (history != batch.items.unsqueeze(1))  # the target is what is predicted, not read
@@ -459,5 +474,76 @@ def _head_losses(
 def _validation(model: TwoTowerModel, histories: Histories, data: InteractionData, epoch: int) -> dict[str, float]:
     if data.valid.height == 0:
         return {"epoch": epoch}
-    metrics = evaluate(ModelScorer(model, histories), data, ks=(20,), split="valid", with_auc=False)
-    return {"epoch": epoch, "recall@20": float(metrics["recall@20"])}
+    metrics = evaluate(ModelScorer(model, histories), data, ks=(10, 20), split="valid", with_auc=False)
+    return {"epoch": epoch, **{k: float(metrics[k]) for k in ("recall@20", VALIDATION_METRIC)}}
+
+
+def _record_step(state: TrainState, epoch: int, step: int, steps_per_epoch: int, total_steps: int,
+                 loss: torch.Tensor, retrieval: torch.Tensor, click: torch.Tensor, like: torch.Tensor,
+                 on_step: Callable[[int, int, dict[str, float]], None] | None) -> None:
+    """A finished step's losses into the state (and the progress callback)."""
+    losses = {
+        "epoch": epoch, "step": epoch * steps_per_epoch + step, "loss": float(loss.detach()),
+        "retrieval": float(retrieval.detach()), "click": float(click.detach()), "like": float(like.detach()),
+    }
+    state.losses.append(losses)
+    state.step = step + 1
+    if on_step:
+        on_step(epoch * steps_per_epoch + step + 1, total_steps, losses)
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """One process's share of a sequence step: left-padded inputs and the targets after each position."""
+
+    inputs: torch.Tensor  # B × L item indices
+    mask: torch.Tensor  # B × L
+    has_target: torch.Tensor  # B × L: positions followed by an item
+    targets: torch.Tensor  # P: the item after each such position (P = has_target.sum())
+    negatives: torch.Tensor  # P × negatives: click-head negatives of each target's interaction
+    likes: torch.Tensor  # P
+    id_keep: torch.Tensor
+    fresh_items: torch.Tensor | None  # items whose text is re-encoded this step (LoRA)
+
+
+def _sequence_batch(sequences: Sequences, users: np.ndarray, paired_negatives: np.ndarray, likes: np.ndarray,
+                    id_keep: torch.Tensor, fresh_items: torch.Tensor | None, device: torch.device) -> SequenceBatch:
+    """The batch of ``users``' sequences, cut to the longest of them."""
+    width = int(sequences.lengths[users].max())
+    items, mask = sequences.items[users, -width:], sequences.mask[users, -width:]
+    rows = sequences.rows[users, -width:]
+    has_target = mask[:, 1:] & mask[:, :-1]
+    target_rows = rows[:, 1:][has_target]
+
+    def tensor(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype, device=device)
+
+    return SequenceBatch(tensor(items[:, :-1]), tensor(mask[:, :-1]), tensor(has_target),
+                         tensor(items[:, 1:][has_target]), tensor(paired_negatives[target_rows]),
+                         tensor(likes[target_rows], torch.float32), id_keep, fresh_items)
+
+
+def _fresh_text(m: TwoTowerModel, items: torch.Tensor | None, context: StepContext) -> torch.Tensor | None:
+    """The backbone's output, with gradients, for ``items`` (those whose text is trained this step)."""
+    if items is None:
+        return None
+    rows = items.cpu()
+    tokens = context.tokens
+    return m.encoder(tokens.input_ids[rows].to(context.device), tokens.attention_mask[rows].to(context.device)).float()
+
+
+def _sequence_step_loss(m: TwoTowerModel, *, batch: SequenceBatch, context: StepContext
+                        ) -> tuple[torch.Tensor | None, ...]:
+    """A sequence step's loss: at every position with a next item, the full softmax over the warm items
+    towards it, and the click/like heads on it against its interaction's negatives."""
+    with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=context.use_amp):
+        fresh_text = _fresh_text(m, batch.fresh_items, context)
+        vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
+        states = m.sequence_states(vectors, batch.inputs, batch.mask)[batch.has_target]
+        # Cold items never appear as targets: the softmax leaves them alone (their text places them).
+        logits = m.retrieval_logits(states, vectors).masked_fill(context.cold, -1e4)
+        retrieval = F.cross_entropy(logits.float(), batch.targets)
+        click, like = _head_losses(m, states, vectors, batch.targets, batch.negatives, batch.likes)
+        weights = context.weights
+        total = weights.retrieval * retrieval + weights.click * click + weights.like * like
+    return total, retrieval, click, like, fresh_text

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
 import polars as pl
 
 from recops.data.interactions import InteractionData
+
+# A model's validation metric as it stands (the caller decides which; higher is better).
+Validator = Callable[["Recommender"], float]
 
 
 class Recommender(ABC):
@@ -27,12 +31,22 @@ class Recommender(ABC):
     def __init__(self) -> None:
         self.n_users: int | None = None
         self.n_items: int | None = None
+        self._validate: Validator | None = None  # set during fit()
 
-    def fit(self, data: InteractionData) -> None:
-        """Learn from ``data.train`` (and ``data.items`` for content)."""
+    def fit(self, data: InteractionData, validate: Validator | None = None) -> None:
+        """Learn from ``data.train`` (and ``data.items`` for content).
+
+        ``validate``: the caller's validation metric of this model as it is (higher is better); models
+        trained by epochs read it to stop early and keep their best epoch, the others ignore it. A callback,
+        so that the metric code (``recops.training.evaluation``) stays in its higher layer.
+        """
         self.n_users = data.n_users
         self.n_items = data.n_items
-        self._fit(data)
+        self._validate = validate
+        try:
+            self._fit(data)
+        finally:
+            self._validate = None
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         """Float32 scores of every item for each user in ``users``, shape ``(len(users), n_items)``."""

@@ -14,7 +14,9 @@ pushes them down, as it should for a collaborative model.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import numpy as np
 import polars as pl
@@ -22,6 +24,9 @@ import polars as pl
 from recops.data.features import history_matrix
 from recops.data.interactions import InteractionData
 from recops.models.baselines.base import Recommender
+from recops.models.epochs import EarlyStopping, length_batches
+
+log = logging.getLogger(__name__)
 
 
 class SASRec(Recommender):
@@ -35,22 +40,34 @@ class SASRec(Recommender):
         blocks: int = 2,
         heads: int = 1,
         max_length: int = 50,
-        dropout: float = 0.3,
-        epochs: int = 20,
-        lr: float = 1e-3,
-        batch_size: int = 256,
+        dropout: float = 0.6,
+        epochs: int = 200,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-8,
+        batch_size: int = 512,
+        patience: int = 20,
+        validate_every: int = 2,
+        time_budget: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if min(dim, blocks, heads, max_length, batch_size) < 1 or epochs < 0 or lr <= 0 or not 0 <= dropout < 1:
-            raise ValueError("need dim, blocks, heads, max_length, batch_size >= 1, epochs >= 0, lr > 0 and "
-                             "0 <= dropout < 1")
+        if min(dim, blocks, heads, max_length, batch_size, patience, validate_every) < 1 or epochs < 0:
+            raise ValueError("need dim, blocks, heads, max_length, batch_size, patience, validate_every >= 1 and "
+                             "epochs >= 0")
+        if lr <= 0 or weight_decay < 0 or not 0 <= dropout < 1 or (time_budget is not None and time_budget <= 0):
+            raise ValueError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and a positive time_budget")
         if dim % heads:
             raise ValueError(f"dim {dim} must be a multiple of heads {heads}")
         self.dim, self.blocks, self.heads, self.max_length = dim, blocks, heads, max_length
         self.dropout, self.epochs, self.lr, self.batch_size, self.seed = dropout, epochs, lr, batch_size, seed
+        self.weight_decay, self.patience, self.validate_every, self.time_budget = (
+            weight_decay, patience, validate_every, time_budget)
         self._network = None
         self._inputs: np.ndarray | None = None
+        # What training did: the validation metric by epoch, the epoch kept, the epochs run.
+        self.curve: list[tuple[int, float]] = []
+        self.best_epoch = -1
+        self.epochs_run = 0
 
     def _sequences(self, data: InteractionData, frame: pl.DataFrame, length: int) -> np.ndarray:
         """Each user's ``length`` newest items as ids shifted by one (0 pads on the left), oldest first."""
@@ -64,20 +81,16 @@ class SASRec(Recommender):
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         network = _network(data.n_items, self.dim, self.blocks, self.heads, self.max_length, self.dropout)
-        optimiser = torch.optim.Adam(network.parameters(), lr=self.lr, betas=(0.9, 0.98))
+        optimiser = torch.optim.Adam(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         # Position t predicts the item at t + 1: inputs are a sequence one longer than the model reads.
         sequences = torch.from_numpy(self._sequences(data, data.train, self.max_length + 1))
         lengths = (sequences > 0).sum(dim=1).numpy()
         trainable = np.flatnonzero(lengths >= 2)
-        network.train()
-        for _ in range(self.epochs):
-            # Batches of users with sequences of about the same length (in random order, shuffled within a
-            # length), each cut to its longest: most users have a few items, and padding them all to
-            # max_length made an epoch several times slower.
-            order = trainable[np.lexsort((rng.random(trainable.size), lengths[trainable]))]
-            batches = [order[start : start + self.batch_size] for start in range(0, order.size, self.batch_size)]
-            for index in rng.permutation(len(batches)):
-                users = batches[index]
+        self._network, started = network, time.perf_counter()
+        stopping = EarlyStopping(self.patience)
+        for epoch in range(self.epochs):
+            network.train()
+            for users in length_batches(lengths, trainable, self.batch_size, rng):
                 batch = sequences[torch.from_numpy(users)][:, -int(lengths[users].max()) :]
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 has_target = (targets > 0) & (inputs > 0)
@@ -87,8 +100,24 @@ class SASRec(Recommender):
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+            self.epochs_run = epoch + 1
+            out_of_time = self.time_budget is not None and time.perf_counter() - started > self.time_budget
+            last = epoch + 1 == self.epochs or out_of_time
+            if self._validate is not None and (self.epochs_run % self.validate_every == 0 or last):
+                network.eval()
+                self._condition(data, data.train)
+                score = float(self._validate(self))
+                self.curve.append((self.epochs_run, score))
+                log.info("sasrec epoch %d: validation %.4f (%.0f s)", self.epochs_run, score,
+                         time.perf_counter() - started)
+                if stopping.update(self.epochs_run, score, network.state_dict()):
+                    break
+            if out_of_time:
+                break
+        if stopping.best_state is not None:
+            network.load_state_dict(stopping.best_state)
+        self.best_epoch = stopping.best_epoch if stopping.best_state is not None else self.epochs_run
         network.eval()
-        self._network = network
         self._condition(data, data.train)
 
     def _condition(self, data: InteractionData, inputs: pl.DataFrame) -> bool:
