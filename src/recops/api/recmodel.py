@@ -178,6 +178,7 @@ DEFAULT_SEQUENCE_DROPOUT = 0.5
 # sequence tower is trained at every position until validation stops improving (patience), at most this.
 DEFAULT_EPOCHS = {POOLED: 4, SEQUENCE: 200}
 DEFAULT_PATIENCE = 10
+DEFAULT_WIDTH = {POOLED: 256, SEQUENCE: 64}
 
 
 class TrainingSpec(SpecModel):
@@ -187,7 +188,9 @@ class TrainingSpec(SpecModel):
         ("!has(self.gpusPerNode) || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu == 0"
          " || self.resources.gpu == self.gpusPerNode",
          "gpusPerNode and resources.gpu disagree: set one of them", ".gpusPerNode"),
-        ("!has(self.sequenceHeads) || (has(self.embeddingDim) ? self.embeddingDim : 256) % self.sequenceHeads == 0",
+        ("!has(self.sequenceHeads) || (has(self.embeddingDim) ? self.embeddingDim : "
+         f"(has(self.userTower) && self.userTower == '{POOLED}' ? {DEFAULT_WIDTH[POOLED]} : {DEFAULT_WIDTH[SEQUENCE]}))"
+         " % self.sequenceHeads == 0",
          "sequenceHeads must divide embeddingDim", ".sequenceHeads"),
     ))
 
@@ -226,7 +229,12 @@ class TrainingSpec(SpecModel):
     backbone_learning_rate: float = Field(2e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     negatives: int = Field(4, ge=0, le=100, description="Click-head negatives per positive.")
-    embedding_dim: int = Field(256, ge=8, le=4096)
+    embedding_dim: int | None = Field(
+        None, ge=8, le=4096,
+        description="Width of the item and user vectors. Default "
+        f"{DEFAULT_WIDTH[SEQUENCE]} with the sequence user tower (SASRec's width: every position of every sequence "
+        f"is scored against the catalog), {DEFAULT_WIDTH[POOLED]} with the pooled one.",
+    )
     temperature: float = Field(0.05, gt=0, le=10, description="Softmax temperature of the retrieval loss.")
     history_dropout: float = Field(0.7, ge=0, lt=1, description="Fraction of history items hidden per step.")
     text_items_per_step: int = Field(
@@ -266,9 +274,9 @@ class TrainingSpec(SpecModel):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainingSpec:
-        if self.sequence_heads is not None and self.embedding_dim % self.sequence_heads:
+        if self.sequence_heads is not None and self.width() % self.sequence_heads:
             raise ValueError(f"sequenceHeads must divide embeddingDim: {self.sequence_heads} heads, width "
-                             f"{self.embedding_dim}")
+                             f"{self.width()}")
         return self
 
     @model_validator(mode="after")
@@ -281,6 +289,10 @@ class TrainingSpec(SpecModel):
     def tower(self) -> str:
         """``userTower`` or its default."""
         return self.user_tower or SEQUENCE
+
+    def width(self) -> int:
+        """``embeddingDim`` or the default of the user tower."""
+        return self.embedding_dim or DEFAULT_WIDTH[self.tower()]
 
     def max_epochs(self) -> int:
         """``epochs`` or the default of the user tower."""

@@ -87,7 +87,7 @@ def tower_config(spec: RecModelSpec, n_items: int) -> TwoTowerConfig:
     sequence = t.tower() == SEQUENCE
     return TwoTowerConfig(
         n_items=n_items,
-        embedding_dim=t.embedding_dim,
+        embedding_dim=t.width(),
         temperature=t.temperature,
         use_id_embeddings=t.use_id_embeddings,
         recency_positions=0 if sequence else t.recency(),
@@ -313,11 +313,19 @@ class TwoTowerModel(nn.Module):
         items: torch.Tensor,
         item_idx: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        excluded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """B × N logits of users against item vectors (``item_idx``: their indices; default all items);
-        ``residual``: the users' B × (all items) :meth:`history_scores`."""
+        ``residual``: the users' B × (all items) :meth:`history_scores`; ``excluded`` (N, with all items): items
+        pushed out of reach (-1e4), as the training softmax leaves cold items out."""
         biases = self.item_biases()
-        logits = users @ items.T / self.config.temperature + (biases if item_idx is None else biases[item_idx])
+        biases = biases if item_idx is None else biases[item_idx]
+        if excluded is not None:
+            biases = biases.masked_fill(excluded, -1e4)
+        # One fused multiply-add, the temperature applied to the B users rather than the B × N logits: with
+        # every position of a batch of sequences scored against the catalog, each B × N pass was a tenth of a
+        # training step.
+        logits = torch.addmm(biases.to(users.dtype), users / self.config.temperature, items.T)
         if residual is not None:
             logits = logits + (residual if item_idx is None else residual[:, item_idx])
         return logits

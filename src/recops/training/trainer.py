@@ -378,6 +378,10 @@ class StepContext:
     use_amp: bool
     cold: torch.Tensor  # N: items without training interactions
 
+    @property
+    def any_cold(self) -> bool:
+        return bool(self.cold.any())
+
 
 def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> tuple[torch.Tensor | None, ...]:
     """A step's loss (and its parts) on ``m``: the function DDP runs as ``forward``."""
@@ -541,7 +545,7 @@ def _sequence_step_loss(m: TwoTowerModel, *, batch: SequenceBatch, context: Step
         vectors = m.item_vectors(batch.fresh_items, fresh_text, batch.id_keep)
         states = m.sequence_states(vectors, batch.inputs, batch.mask)[batch.has_target]
         # Cold items never appear as targets: the softmax leaves them alone (their text places them).
-        logits = m.retrieval_logits(states, vectors).masked_fill(context.cold, -1e4)
+        logits = m.retrieval_logits(states, vectors, excluded=context.cold if context.any_cold else None)
         retrieval = F.cross_entropy(logits.float(), batch.targets)
         click, like = _head_losses(m, states, vectors, batch.targets, batch.negatives, batch.likes)
         weights = context.weights
