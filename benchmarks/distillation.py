@@ -123,7 +123,7 @@ def model_size(directory: Path) -> dict:
         "backbone": loaded.spec.backbone.name if loaded.spec.backbone.name == MINILM else "minilm (first layers)",
         "backbone_layers": int(encoder.model.config.num_hidden_layers),
         "backbone_parameters": sum(p.numel() for p in encoder.model.parameters()),
-        "embedding_dim": loaded.spec.training.width(),
+        "embedding_dim": loaded.spec.training.width(loaded.spec.data.split),
         "index_bytes": int(loaded.item_index.nbytes),
         "tower_parameters": int(towers),
     }

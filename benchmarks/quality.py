@@ -49,14 +49,17 @@ HEADLINE = ("recall@10", "recall@20", "ndcg@10", "cold_recall@20", "like_auc", "
 # Leave-one-out has no cold items and, on review data, no likes: the papers' cut-offs instead.
 LOO_HEADLINE = ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "train_seconds")
 # The two-tower variants the benchmark trains (MiniLM: the offline CPU backbone; a spec names its own).
-# `twotower` is what `recops train` trains when the spec says nothing else (the sequence user tower);
-# `twotower_pooled` the pooled tower of issue 14 (mean + gated attention read, one target per sample);
-# `twotower_bag` the pooled tower trained on the user's other items (`nextItemFraction: 0`);
+# `twotower` is what `recops train` trains when the spec says nothing else (the sequence user tower under
+# loo/time splits; the pooled tower trained on the user's other items under recbole); `twotower_pooled` the
+# pooled tower of issue 14 (mean + gated attention read, half next-item samples); `twotower_sequence` the
+# sequence tower whatever the split (a set under recbole); `twotower_bag` the pooled tower with
+# `nextItemFraction: 0`;
 # `twotower_lora` adds a LoRA adapter trained on 16 items' text per step (opt-in: a `lora` section).
 _MINILM = {"name": "builtin:minilm", "maxSeqLength": 32}
 TWO_TOWERS = {
     "twotower": {"backbone": _MINILM},
-    "twotower_pooled": {"backbone": _MINILM, "training": {"userTower": "pooled"}},
+    "twotower_pooled": {"backbone": _MINILM, "training": {"userTower": "pooled", "nextItemFraction": 0.5}},
+    "twotower_sequence": {"backbone": _MINILM, "training": {"userTower": "sequence"}},
     "twotower_bag": {"backbone": _MINILM, "training": {"userTower": "pooled", "nextItemFraction": 0.0}},
     "twotower_lora": {
         "backbone": _MINILM,

@@ -95,7 +95,7 @@ def test_the_retrieval_loss_pulls_the_students_ranking_towards_its_teachers(tiny
         optimizer = torch.optim.Adam([p for n, p in student.named_parameters() if not n.startswith("encoder.")],
                                      lr=0.01)
         size = 32
-        for _ in range(80):
+        for _ in range(240):  # the sequence tower (the fixture's) moves slower than the pooled one did in 80
             users = torch.randint(0, data.n_users, (size,), generator=generator)
             items = torch.randint(0, data.n_items, (size,), generator=generator)
             batch = StepBatch(
@@ -180,7 +180,7 @@ def test_training_with_a_teacher_reports_it_beside_the_student(tiny_model, tmp_p
     _, _, trained = tiny_model
     teacher_dir = tmp_path / "teacher"
     shutil.copytree(trained, teacher_dir)
-    teacher_serving = {"embedding_dim": 32, "items": 80, "index_bytes": 10240, "tower_parameters": 9000,
+    teacher_serving = {"embedding_dim": 32, "items": 80, "index_bytes": 10240, "tower_parameters": 90000,
                        "backbone_layers": 2}
     (teacher_dir / "metrics.json").write_text(json.dumps({"metrics": {"twotower": {"recall@20": 0.25}},
                                                           "serving": teacher_serving}))
@@ -194,7 +194,7 @@ def test_training_with_a_teacher_reports_it_beside_the_student(tiny_model, tmp_p
     index = np.load(tmp_path / "student" / "item_index.npy")
     assert summary["serving"] == {"embedding_dim": 16, "items": 80, "index_bytes": index.nbytes,
                                   "tower_parameters": summary["serving"]["tower_parameters"], "backbone_layers": 2}
-    assert index.shape == (80, 16) and 0 < summary["serving"]["tower_parameters"] < 9000
+    assert index.shape == (80, 16) and 0 < summary["serving"]["tower_parameters"] < 90000
     assert json.loads((tmp_path / "student" / "metrics.json").read_text())["serving"] == summary["serving"]
     # What the trainer reports for the RecModel status: the student's quality and serving cost and the teacher's
     # side by side.

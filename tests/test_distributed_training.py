@@ -3,6 +3,7 @@ up to float rounding, and only rank 0 writes the model."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -38,8 +39,13 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(tmp_path):
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(SPEC))
+@pytest.mark.parametrize("tower", ["sequence", "pooled"])
+def test_two_processes_train_what_one_process_trains(tmp_path, tower):
+    spec = copy.deepcopy(SPEC)
+    # No dropout in the sequence tower: each process draws its own masks for its own shard's shape.
+    spec["spec"]["training"].update({"userTower": tower, "sequenceDropout": 0.0} if tower == "sequence"
+                                    else {"userTower": tower})
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(spec))
     train = ["train", "-f", "ddp.yaml", "--baselines", ""]
     run([RECOPS, *train, "--out", "one"], tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -189,8 +189,7 @@ class TrainingSpec(SpecModel):
          " || self.resources.gpu == self.gpusPerNode",
          "gpusPerNode and resources.gpu disagree: set one of them", ".gpusPerNode"),
         ("!has(self.sequenceHeads) || (has(self.embeddingDim) ? self.embeddingDim : "
-         f"(has(self.userTower) && self.userTower == '{POOLED}' ? {DEFAULT_WIDTH[POOLED]} : {DEFAULT_WIDTH[SEQUENCE]}))"
-         " % self.sequenceHeads == 0",
+         f"{DEFAULT_WIDTH[SEQUENCE]}) % self.sequenceHeads == 0",
          "sequenceHeads must divide embeddingDim", ".sequenceHeads"),
     ))
 
@@ -207,9 +206,10 @@ class TrainingSpec(SpecModel):
     user_tower: Literal["sequence", "pooled"] | None = Field(
         None,
         description="'sequence': a small transformer over the history's item vectors, trained at every position "
-        "of each sequence with the full softmax; it reads order (causal, with positions) when the split holds out "
-        "what comes next (loo, time) and the history as a set under a random hold-out (recbole). 'pooled': the "
-        "history's mean plus a gated attention read, trained on one target per sample. Default 'sequence'.",
+        "of each sequence with the full softmax (causal, with positions); under a random hold-out (split recbole) "
+        "it reads the history as a set. 'pooled': the history's mean plus a gated attention read, trained on one "
+        "target per sample. Default: 'sequence' where the split holds out what comes next (loo, time), 'pooled' "
+        "under recbole.",
     )
     sequence_blocks: int | None = Field(
         None, ge=1, le=16, description=f"Transformer blocks of the sequence tower. Default {DEFAULT_SEQUENCE_BLOCKS}."
@@ -251,7 +251,7 @@ class TrainingSpec(SpecModel):
         None, ge=0, le=1,
         description="Share of training samples that read only the history before their target (next-item, "
         "as sequential data is tested); the rest read every other item of the user (as a random hold-out is). "
-        f"Default {DEFAULT_NEXT_ITEM_FRACTION}.",
+        f"Pooled user tower only. Default {DEFAULT_NEXT_ITEM_FRACTION}; 0 under split recbole.",
     )
     neighbours: int | None = Field(
         None, ge=0, le=1024,
@@ -274,9 +274,10 @@ class TrainingSpec(SpecModel):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TrainingSpec:
-        if self.sequence_heads is not None and self.width() % self.sequence_heads:
-            raise ValueError(f"sequenceHeads must divide embeddingDim: {self.sequence_heads} heads, width "
-                             f"{self.width()}")
+        # Heads only shape the sequence tower: an unset width is the sequence tower's.
+        width = self.embedding_dim or DEFAULT_WIDTH[SEQUENCE]
+        if self.sequence_heads is not None and width % self.sequence_heads:
+            raise ValueError(f"sequenceHeads must divide embeddingDim: {self.sequence_heads} heads, width {width}")
         return self
 
     @model_validator(mode="after")
@@ -286,17 +287,19 @@ class TrainingSpec(SpecModel):
             raise ValueError(f"gpusPerNode is {gpus} but resources.gpu is {self.resources.gpu}: set one of them")
         return self
 
-    def tower(self) -> str:
-        """``userTower`` or its default."""
-        return self.user_tower or SEQUENCE
+    def tower(self, split: str) -> str:
+        """``userTower`` or the default for the data's ``split``: the sequence tower where the split holds out
+        what comes next (``loo``, ``time``), the pooled one under a random hold-out (``recbole``), where order
+        says nothing about what is held out."""
+        return self.user_tower or (POOLED if split == "recbole" else SEQUENCE)
 
-    def width(self) -> int:
+    def width(self, split: str) -> int:
         """``embeddingDim`` or the default of the user tower."""
-        return self.embedding_dim or DEFAULT_WIDTH[self.tower()]
+        return self.embedding_dim or DEFAULT_WIDTH[self.tower(split)]
 
-    def max_epochs(self) -> int:
+    def max_epochs(self, split: str) -> int:
         """``epochs`` or the default of the user tower."""
-        return self.epochs or DEFAULT_EPOCHS[self.tower()]
+        return self.epochs or DEFAULT_EPOCHS[self.tower(split)]
 
     def stopping_patience(self) -> int:
         """``patience`` or its default."""
@@ -306,9 +309,12 @@ class TrainingSpec(SpecModel):
         """History positions the user tower tells apart (``recencyPositions`` or its default)."""
         return DEFAULT_RECENCY_POSITIONS if self.recency_positions is None else self.recency_positions
 
-    def next_item(self) -> float:
-        """Share of next-item training samples (``nextItemFraction`` or its default)."""
-        return DEFAULT_NEXT_ITEM_FRACTION if self.next_item_fraction is None else self.next_item_fraction
+    def next_item(self, split: str) -> float:
+        """Share of next-item training samples (``nextItemFraction`` or its default: 0 under a random hold-out,
+        where every sample reads the user's other items, as the held-out ones are read)."""
+        if self.next_item_fraction is not None:
+            return self.next_item_fraction
+        return 0.0 if split == "recbole" else DEFAULT_NEXT_ITEM_FRACTION
 
     def residual_neighbours(self) -> int:
         """Neighbours per item in the item-to-item residual (``neighbours`` or its default)."""

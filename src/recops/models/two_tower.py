@@ -84,10 +84,10 @@ def tower_config(spec: RecModelSpec, n_items: int) -> TwoTowerConfig:
     the spec names them.
     """
     t = spec.training
-    sequence = t.tower() == SEQUENCE
+    sequence = t.tower(spec.data.split) == SEQUENCE
     return TwoTowerConfig(
         n_items=n_items,
-        embedding_dim=t.width(),
+        embedding_dim=t.width(spec.data.split),
         temperature=t.temperature,
         use_id_embeddings=t.use_id_embeddings,
         recency_positions=0 if sequence else t.recency(),

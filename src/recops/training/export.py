@@ -47,7 +47,7 @@ def feature_schema(spec: RecModelSpec, n_items: int) -> FeatureSchema:
         max_seq_length=spec.backbone.max_seq_length,
         pooling=spec.backbone.pooling,
         history_length=spec.data.history_length,
-        embedding_dim=spec.training.width(),
+        embedding_dim=spec.training.width(spec.data.split),
         n_items=n_items,
     )
 

@@ -228,7 +228,7 @@ def train(
     pos_items = data.train[ITEM_IDX].to_numpy()
     pos_likes = data.train[LIKE].to_numpy()
     pos_columns = history_columns(data.train, spec.data.history_length)  # each target's place in its history
-    next_item_fraction = cfg.next_item()
+    next_item_fraction = cfg.next_item(spec.data.split)
     exposures = data.exposures
     exp_users = exposures[USER_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
     exp_items = exposures[ITEM_IDX].to_numpy() if exposures is not None else np.zeros(0, dtype=np.int64)
@@ -247,7 +247,7 @@ def train(
     steps_per_epoch = max(1, math.ceil(n_units / cfg.batch_size))
     if world.size > 1 and n_units % cfg.batch_size and n_units % cfg.batch_size < world.size:
         steps_per_epoch -= 1  # a last batch too small to give every process a sample is left out
-    max_epochs, patience = cfg.max_epochs(), cfg.stopping_patience()
+    max_epochs, patience = cfg.max_epochs(spec.data.split), cfg.stopping_patience()
     total_steps = steps_per_epoch * max_epochs
     train_backbone = any(p.requires_grad for p in model.encoder.parameters()) and cfg.text_items_per_step > 0
     use_amp = device.type == "cuda"
@@ -277,8 +277,8 @@ def train(
                     distinct = torch.unique(torch.as_tensor(sequences.items[step_users][sequences.mask[step_users]]))
                     fresh_items = distinct[torch.randperm(len(distinct), generator=generator)[
                         : cfg.text_items_per_step]].to(device)
-                seq_batch = _sequence_batch(sequences, step_users[world.rank :: world.size], paired_negatives,
-                                            pos_likes, id_keep, fresh_items, device)
+                seq_batch = _sequence_batch(sequences, step_users, world, paired_negatives, pos_likes, id_keep,
+                                            fresh_items, device)
                 loss, retrieval, click_loss, like_loss, fresh_text = run_step(
                     partial(_sequence_step_loss, batch=seq_batch, context=context))
             else:
@@ -376,11 +376,11 @@ class StepContext:
     weights: LossWeights
     device: torch.device
     use_amp: bool
-    cold: torch.Tensor  # N: items without training interactions
+    cold: torch.Tensor | None = None  # N: items without training interactions
 
     @property
     def any_cold(self) -> bool:
-        return bool(self.cold.any())
+        return self.cold is not None and bool(self.cold.any())
 
 
 def _step_loss(m: TwoTowerModel, *, batch: StepBatch, context: StepContext) -> tuple[torch.Tensor | None, ...]:
@@ -451,10 +451,13 @@ def _head_losses(
     likes: torch.Tensor,
     teacher: Teacher | None = None,
     user_idx: torch.Tensor | None = None,
+    share: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Click and like BCE: column 0 is each positive, columns 1..k its user's negatives (same user vector).
 
-    With a ``teacher`` (distillation), each loss also pulls towards the teacher's softened scores.
+    With a ``teacher`` (distillation), each loss also pulls towards the teacher's softened scores. With
+    ``share``, each loss is its sum over this process's rows divided by ``share`` rows (and the columns),
+    instead of its mean (see :class:`SequenceBatch`).
     """
     pair_items = torch.cat([items.unsqueeze(1), negatives], dim=1)
     head_items = vectors[pair_items]
@@ -468,6 +471,12 @@ def _head_losses(
         return (
             distilled_bce(click_logit.float(), click_label, teacher_click, known, teacher.spec),
             distilled_bce(like_logit.float(), like_label, teacher_like, known, teacher.spec),
+        )
+    if share is not None:
+        cells = share * pair_items.shape[1]
+        return (
+            F.binary_cross_entropy_with_logits(click_logit.float(), click_label, reduction="sum") / cells,
+            F.binary_cross_entropy_with_logits(like_logit.float(), like_label, reduction="sum") / cells,
         )
     return (
         F.binary_cross_entropy_with_logits(click_logit.float(), click_label),
@@ -508,11 +517,17 @@ class SequenceBatch:
     likes: torch.Tensor  # P
     id_keep: torch.Tensor
     fresh_items: torch.Tensor | None  # items whose text is re-encoded this step (LoRA)
+    # The step's targets over all processes, per process: each process's sums are divided by it, so that
+    # DDP's mean of their gradients is the gradient of the whole batch's mean (shards differ in targets).
+    targets_per_process: float
 
 
-def _sequence_batch(sequences: Sequences, users: np.ndarray, paired_negatives: np.ndarray, likes: np.ndarray,
-                    id_keep: torch.Tensor, fresh_items: torch.Tensor | None, device: torch.device) -> SequenceBatch:
-    """The batch of ``users``' sequences, cut to the longest of them."""
+def _sequence_batch(sequences: Sequences, step_users: np.ndarray, world: World, paired_negatives: np.ndarray,
+                    likes: np.ndarray, id_keep: torch.Tensor, fresh_items: torch.Tensor | None,
+                    device: torch.device) -> SequenceBatch:
+    """This process's share of the step's users' sequences, cut to the longest of them."""
+    users = step_users[world.rank :: world.size]
+    step_targets = int(np.clip(sequences.lengths[step_users] - 1, 0, None).sum())
     width = int(sequences.lengths[users].max())
     items, mask = sequences.items[users, -width:], sequences.mask[users, -width:]
     rows = sequences.rows[users, -width:]
@@ -524,7 +539,8 @@ def _sequence_batch(sequences: Sequences, users: np.ndarray, paired_negatives: n
 
     return SequenceBatch(tensor(items[:, :-1]), tensor(mask[:, :-1]), tensor(has_target),
                          tensor(items[:, 1:][has_target]), tensor(paired_negatives[target_rows]),
-                         tensor(likes[target_rows], torch.float32), id_keep, fresh_items)
+                         tensor(likes[target_rows], torch.float32), id_keep, fresh_items,
+                         max(1, step_targets) / world.size)
 
 
 def _fresh_text(m: TwoTowerModel, items: torch.Tensor | None, context: StepContext) -> torch.Tensor | None:
@@ -546,8 +562,9 @@ def _sequence_step_loss(m: TwoTowerModel, *, batch: SequenceBatch, context: Step
         states = m.sequence_states(vectors, batch.inputs, batch.mask)[batch.has_target]
         # Cold items never appear as targets: the softmax leaves them alone (their text places them).
         logits = m.retrieval_logits(states, vectors, excluded=context.cold if context.any_cold else None)
-        retrieval = F.cross_entropy(logits.float(), batch.targets)
-        click, like = _head_losses(m, states, vectors, batch.targets, batch.negatives, batch.likes)
+        share = batch.targets_per_process
+        retrieval = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / share
+        click, like = _head_losses(m, states, vectors, batch.targets, batch.negatives, batch.likes, share=share)
         weights = context.weights
         total = weights.retrieval * retrieval + weights.click * click + weights.like * like
     return total, retrieval, click, like, fresh_text
