@@ -105,7 +105,7 @@ def test_minilm_backbone_learns_the_hidden_synthetic_preferences(tmp_path):
 
     # The pooled tower: the synthetic shop's users have fixed tastes, and its split is by time, where the
     # sequence tower learns less from so few users (mean correlation 0.094 against the pooled tower's > 0.1).
-    spec = _spec("builtin:minilm", epochs=2, embeddingDim=64, userTower="pooled")
+    spec = _spec("builtin:minilm", epochs=3, embeddingDim=64, userTower="pooled")
     spec = spec.model_copy(update={"data": spec.data.model_copy(
         update={"synthetic": spec.data.synthetic.model_copy(update={"users": 600, "items": 200, "days": 20})})})
     data = prepare(spec.data)

@@ -200,8 +200,8 @@ class TrainingSpec(SpecModel):
     )
     patience: int | None = Field(
         None, ge=1, le=1000,
-        description="Epochs without a better validation NDCG@10 after which training stops (the best epoch's "
-        f"weights are kept). Default {DEFAULT_PATIENCE}.",
+        description="Epochs without a better validation metric (NDCG@10 for the sequence tower, Recall@20 for "
+        f"the pooled one) after which training stops (the best epoch's weights are kept). Default {DEFAULT_PATIENCE}.",
     )
     user_tower: Literal["sequence", "pooled"] | None = Field(
         None,
