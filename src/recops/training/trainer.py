@@ -278,9 +278,8 @@ def train(
                 id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
                 step_users = user_batches[step]
                 if train_backbone:
-                    distinct = torch.unique(torch.as_tensor(sequences.items[step_users][sequences.mask[step_users]]))
-                    fresh_items = distinct[torch.randperm(len(distinct), generator=generator)[
-                        : cfg.text_items_per_step]].to(device)
+                    fresh_items = _pick_fresh(sequences.items[step_users][sequences.mask[step_users]],
+                                              cfg.text_items_per_step, generator, device)
                 seq_batch = _sequence_batch(sequences, step_users, world, paired_negatives, pos_likes, id_keep,
                                             fresh_items, device)
                 loss, retrieval, click_loss, like_loss, fresh_text = run_step(
@@ -295,9 +294,7 @@ def train(
                 likes = torch.as_tensor(pos_likes[batch], dtype=torch.float32, device=device)
                 neg_items = torch.as_tensor(paired_negatives[batch], device=device)  # B × negatives
                 if train_backbone:
-                    distinct = torch.unique(torch.as_tensor(pos_items[full], device=device))
-                    pick = torch.randperm(len(distinct), generator=generator)[: cfg.text_items_per_step]
-                    fresh_items = distinct[pick.to(device)]
+                    fresh_items = _pick_fresh(pos_items[full], cfg.text_items_per_step, generator, device)
                 id_keep = torch.rand(data.n_items, generator=generator).to(device) >= model.config.id_dropout
                 hidden = torch.rand((len(full), hist_items.shape[1]), generator=generator)[rows].to(device)
                 hidden = hidden < cfg.history_dropout
@@ -545,6 +542,12 @@ def _sequence_batch(sequences: Sequences, step_users: np.ndarray, world: World, 
                          tensor(items[:, 1:][has_target]), tensor(paired_negatives[target_rows]),
                          tensor(likes[target_rows], torch.float32), id_keep, fresh_items,
                          max(1, step_targets) / world.size)
+
+
+def _pick_fresh(items: np.ndarray, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Up to ``count`` of the distinct ``items`` of a step, drawn at random: those whose text is re-encoded."""
+    distinct = torch.unique(torch.as_tensor(items, device=device))
+    return distinct[torch.randperm(len(distinct), generator=generator)[:count].to(device)]
 
 
 def _fresh_text(m: TwoTowerModel, items: torch.Tensor | None, context: StepContext) -> torch.Tensor | None:
