@@ -42,6 +42,10 @@ def test_a_whole_manifest_and_a_bare_spec_read_the_same(tmp_path):
         ({"data": {"source": "synthetic"}, "backbone": {"pooling": "max"}}, "spec.backbone.pooling"),
         ({"training": {}}, "spec.data: Field required"),
         ({"data": {"source": "synthetic"}, "training": {"learningRate": "fast"}}, "spec.training.learningRate"),
+        ({"data": {"source": "synthetic"}, "training": {"userTower": "bag"}}, "spec.training.userTower"),
+        ({"data": {"source": "synthetic"}, "training": {"sequenceHeads": 3}}, "sequenceHeads must divide embeddingDim"),
+        ({"data": {"source": "synthetic"}, "training": {"sequenceDropout": 1.0}}, "spec.training.sequenceDropout"),
+        ({"data": {"source": "synthetic"}, "training": {"patience": 0}}, "spec.training.patience"),
     ],
 )
 def test_bad_specs_name_the_field(document, expected):
